@@ -1,0 +1,144 @@
+// CPU gated attention: one (batch, kv-head) group per task, the group's Hq/Hkv query heads stacked
+// as rows of one matrix so GQA needs no repeated k/v. Scores are materialised per group (this is
+// the portable path; the GPU path is the Triton flash kernel in kernels/gated_attention.py).
+#include "gated_attention/cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common/checks.h"
+
+namespace musetalk_fast {
+namespace gated_attention {
+namespace {
+
+struct Shape {
+  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim;
+  bool head_wise_gate;
+};
+
+Shape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate) {
+  check_float(q, "q");
+  check_rank(q, 4, "q");
+  check_rank(k, 4, "k");
+  check_rank(v, 4, "v");
+  check_rank(gate, 4, "gate");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&gate, "gate"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on q's device ", q.device(), ", got ", t->device());
+  }
+  Shape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), false};
+  TORCH_CHECK_VALUE(k.size(0) == s.batch, "k batch ", k.size(0), " must equal q batch ", s.batch);
+  TORCH_CHECK_VALUE(k.size(3) == s.head_dim, "k head dim ", k.size(3), " must equal q head dim ", s.head_dim);
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(s.kv_heads > 0 && s.q_heads % s.kv_heads == 0, "q heads (", s.q_heads,
+                    ") must be a multiple of k/v heads (", s.kv_heads, ")");
+  const bool full = gate.sizes() == q.sizes();
+  s.head_wise_gate = !full && gate.size(0) == s.batch && gate.size(1) == s.q_heads && gate.size(2) == s.q_len &&
+                     gate.size(3) == 1;
+  TORCH_CHECK_VALUE(full || s.head_wise_gate, "gate must have shape ", q.sizes(), " or [B, Hq, L, 1], got ",
+                    gate.sizes());
+  return s;
+}
+
+double resolve_scale(std::optional<double> scale, int64_t head_dim) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
+// Scaled scores of one group: rows are (query head in group, query position), [G*L, S].
+// Causal masking is top-left aligned like torch's SDPA: query l sees keys s <= l.
+at::Tensor group_scores(const at::Tensor& q_group, const at::Tensor& k_head, double scale, bool is_causal,
+                        int64_t q_len) {
+  at::Tensor scores = at::matmul(q_group, k_head.transpose(0, 1)).mul_(scale);
+  if (is_causal) {
+    const int64_t kv_len = k_head.size(0);
+    const auto opts = at::TensorOptions().dtype(at::kLong);
+    const at::Tensor query_pos = at::arange(scores.size(0), opts).remainder(q_len).unsqueeze(1);
+    const at::Tensor key_pos = at::arange(kv_len, opts).unsqueeze(0);
+    scores.masked_fill_(key_pos > query_pos, -std::numeric_limits<double>::infinity());
+  }
+  return scores;
+}
+
+// softmax probabilities from scores and their lse; rows with lse = -inf (no key) give zeros.
+at::Tensor probabilities(const at::Tensor& scores, const at::Tensor& lse) {
+  const at::Tensor finite_lse = at::where(at::isinf(lse), at::zeros_like(lse), lse);
+  return at::exp(scores - finite_lse.unsqueeze(1));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& gate, bool is_causal, std::optional<double> scale) {
+  const Shape s = check_args(q, k, v, gate);
+  const double sm_scale = resolve_scale(scale, s.head_dim);
+  const auto compute = compute_dtype(q);
+  const int64_t group = s.q_heads / s.kv_heads;
+  const at::Tensor qc = q.to(compute), kc = k.to(compute), vc = v.to(compute);
+  const at::Tensor gate_sigmoid = at::sigmoid(gate.to(compute)).expand_as(qc);
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(compute));
+  at::Tensor lse = at::empty({s.batch, s.q_heads, s.q_len}, q.options().dtype(compute));
+
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.kv_heads, h = task % s.kv_heads;
+      const auto heads = at::indexing::Slice(h * group, (h + 1) * group);
+      const at::Tensor q_group = qc[b].index({heads}).reshape({group * s.q_len, s.head_dim});
+      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, is_causal, s.q_len);
+      const at::Tensor row_lse = at::logsumexp(scores, {1});
+      const at::Tensor o = at::matmul(probabilities(scores, row_lse), vc[b][h]);
+      out[b].index({heads}).copy_(o.view({group, s.q_len, s.head_dim}) * gate_sigmoid[b].index({heads}));
+      lse[b].index({heads}).copy_(row_lse.view({group, s.q_len}));
+    }
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
+    const at::Tensor& out, const at::Tensor& lse, bool is_causal, std::optional<double> scale) {
+  const Shape s = check_args(q, k, v, gate);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({s.batch, s.q_heads, s.q_len}), "lse must have shape [B, Hq, L] = [",
+                    s.batch, ", ", s.q_heads, ", ", s.q_len, "], got ", lse.sizes());
+  const double sm_scale = resolve_scale(scale, s.head_dim);
+  const auto compute = compute_dtype(q);
+  const int64_t group = s.q_heads / s.kv_heads;
+  const at::Tensor qc = q.to(compute), kc = k.to(compute), vc = v.to(compute), lsec = lse.to(compute);
+  const at::Tensor dy = grad_out.to(compute), y = out.to(compute);
+  const at::Tensor gate_sigmoid = at::sigmoid(gate.to(compute));
+  // SPEC 4: with Y = O * sigmoid(gate):  dO = dY * s,  rowsum(dO * O) = rowsum(dY * Y),
+  // dgate = dY * Y * (1 - s) (summed over D for a head-wise gate).
+  const at::Tensor d_attn = dy * gate_sigmoid;
+  const at::Tensor delta = (dy * y).sum(-1);
+  at::Tensor dgate = dy * y * (1 - gate_sigmoid);
+  if (s.head_wise_gate) dgate = dgate.sum(-1, /*keepdim=*/true);
+
+  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.kv_heads, h = task % s.kv_heads;
+      const auto heads = at::indexing::Slice(h * group, (h + 1) * group);
+      const int64_t rows = group * s.q_len;
+      const at::Tensor q_group = qc[b].index({heads}).reshape({rows, s.head_dim});
+      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, is_causal, s.q_len);
+      const at::Tensor p = probabilities(scores, lsec[b].index({heads}).reshape({rows}));
+      const at::Tensor d_o = d_attn[b].index({heads}).reshape({rows, s.head_dim});
+      // Softmax backward: dS = P * (dP - rowsum(dO * O)), dP = dO V^T.
+      const at::Tensor dp = at::matmul(d_o, vc[b][h].transpose(0, 1));
+      const at::Tensor ds = p * (dp - delta[b].index({heads}).reshape({rows, 1})) * sm_scale;
+      dv[b][h].copy_(at::matmul(p.transpose(0, 1), d_o));
+      dk[b][h].copy_(at::matmul(ds.transpose(0, 1), q_group));
+      dq[b].index({heads}).copy_(at::matmul(ds, kc[b][h]).view({group, s.q_len, s.head_dim}));
+    }
+  });
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dgate.to(gate.scalar_type())};
+}
+
+}  // namespace gated_attention
+}  // namespace musetalk_fast

@@ -1,0 +1,53 @@
+// The one TORCH_LIBRARY block: every schema of shared/SPEC.md, defined once.
+//
+// CPU kernels register below with TORCH_LIBRARY_IMPL; CUDA kernels written in CUDA C++ register
+// from their cuda_glue.cpp, Triton kernels, fake (meta) impls and autograd from musetalk_fast/ops/.
+// Ops whose kernels are not written yet run through musetalk_fast/reference.py on every device
+// (registered as CompositeImplicitAutograd in Python).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "gated_attention/cpu.h"
+#include "sinkhorn/cpu.h"
+
+TORCH_LIBRARY(musetalk_fast, m) {
+  // 1. Lightning indexer (DeepSeek Sparse Attention)
+  m.def("lightning_indexer(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor ks, Tensor ke) -> Tensor");
+  m.def("fp8_quantize(Tensor x, int? block=None, bool ue8m0=False) -> (Tensor, Tensor)");
+  // 2. Top-k selection
+  m.def("topk_indices(Tensor logits, int k, Tensor? ks=None, Tensor? ke=None, bool sorted=False) -> Tensor");
+  m.def("lightning_indexer_topk(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor ks, Tensor ke, int topk) -> Tensor");
+  // 3. Top-k sparse attention
+  m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float? sm_scale=None) -> (Tensor, Tensor)");
+  // 4. Sigmoid-gated SDPA. The public op is composite over forward/backward ops that carry the
+  //    row log-sum-exp, the one extra tensor the backward needs (SPEC 4).
+  m.def("gated_attention(Tensor q, Tensor k, Tensor v, Tensor gate, bool is_causal=False, float? scale=None) -> Tensor");
+  m.def("gated_attention_forward(Tensor q, Tensor k, Tensor v, Tensor gate, bool is_causal, float? scale) -> (Tensor out, Tensor lse)");
+  m.def("gated_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor gate, Tensor out, Tensor lse, bool is_causal, float? scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // 5. Sinkhorn mHC mixing
+  m.def("sinkhorn(Tensor logits, int iters=20, float eps=1e-6) -> Tensor");
+  m.def("sinkhorn_backward(Tensor grad, Tensor logits, int iters, float eps) -> Tensor");
+  // The CUDA C++ candidates of the same math, kept beside the Triton kernel so the benchmark can
+  // pick the faster (registered only in CUDA builds).
+  m.def("sinkhorn_cudacpp(Tensor logits, int iters=20, float eps=1e-6) -> Tensor");
+  m.def("sinkhorn_backward_cudacpp(Tensor grad, Tensor logits, int iters, float eps) -> Tensor");
+  m.def("mhc_pre(Tensor x, Tensor phi, Tensor alpha, Tensor bias, int iters=20) -> (Tensor, Tensor, Tensor)");
+  m.def("mhc_post(Tensor x, Tensor f_out, Tensor h_post, Tensor h_res) -> Tensor");
+  // 6. Engram hashed n-gram memory
+  m.def("engram_hash(Tensor ids, Tensor multipliers, Tensor moduli, Tensor offsets, int pad_id=0) -> Tensor");
+  m.def("engram_gather(Tensor table, Tensor rows, bool sparse=False) -> Tensor");
+  m.def("engram_lookup(Tensor ids, Tensor table, Tensor multipliers, Tensor moduli, Tensor offsets, int pad_id=0, bool sparse=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(musetalk_fast, CPU, m) {
+  m.impl("sinkhorn", &musetalk_fast::sinkhorn::sinkhorn_cpu);
+  m.impl("sinkhorn_backward", &musetalk_fast::sinkhorn::sinkhorn_backward_cpu);
+  m.impl("gated_attention_forward", &musetalk_fast::gated_attention::forward_cpu);
+  m.impl("gated_attention_backward", &musetalk_fast::gated_attention::backward_cpu);
+}
+
+// `import musetalk_fast._C` loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "musetalk_fast op registrations", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (installed as musetalk_fast.kernels)."""

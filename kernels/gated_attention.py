@@ -1,0 +1,344 @@
+"""Triton sigmoid-gated SDPA (Qwen gated attention G1), forward and backward.
+
+Forward: FlashAttention-2 online softmax over key blocks; the epilogue multiplies the normalised
+output by sigmoid(gate) before its one store, and saves the row log-sum-exp.
+Backward (SPEC 4): with Y = O * s, s = sigmoid(gate), no pre-gate O is needed:
+    dO = dY * s,   rowsum(dO * O) = rowsum(dY * Y),   dgate = dY * Y * (1 - s).
+A small pass computes delta = rowsum(dY * Y) and dgate; then one kernel accumulates dK, dV per
+key block (looping over the Hq/Hkv query heads of its KV head, so GQA needs no atomics) and one
+accumulates dQ per query block, both recomputing P = exp(S - lse) and dO on the fly.
+
+Layouts: any strides (the [B, L, H, D].transpose(1, 2) view runs without a copy); a head-wise
+gate [B, H, L, 1] is read through a stride-0 expand. Causal masking is top-left (key s <= query l).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(blocks, warps, stages):
+    if _interpreted():  # the CPU interpreter: one small config, no tuning
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n in blocks
+        for w in warps
+        for s in stages
+    ]
+
+
+# H100 search spaces; the autotuner times them on the first call of each (shape bucket, D, causal).
+FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (128, 32)], [4, 8], [2, 3, 4])
+DKDV_CONFIGS = _configs([(32, 128), (64, 128), (64, 64), (32, 64)], [4, 8], [2, 3])
+DQ_CONFIGS = _configs([(128, 32), (128, 64), (64, 64), (64, 32)], [4, 8], [2, 3])
+TUNING_KEY = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=TUNING_KEY)
+@triton.jit
+def gated_attention_fwd_kernel(
+    Q, K, V, G, Out, Lse,
+    sq_b, sq_h, sq_l, sq_d,
+    sk_b, sk_h, sk_s, sk_d,
+    sv_b, sv_h, sv_s, sv_d,
+    sg_b, sg_h, sg_l, sg_d,
+    H, L, S, GROUP, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
+    L_BUCKET, S_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv_h = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < L
+    dim_ok = dims < HEAD_DIM
+
+    q_ptrs = Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = S
+    if IS_CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in tl.range(0, hi, BLOCK_N):
+        keys = start_n + cols
+        key_ok = keys < S
+        k_t = tl.load(k_base + keys[None, :] * sk_s + dims[:, None] * sk_d,
+                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :] * sv_d,
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        allowed = key_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (keys[None, :] <= rows[:, None])
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        p = tl.math.exp2(scores - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Epilogue: normalise, gate, store once. A row with no key (S = 0) gives 0 and lse = -inf.
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d,
+                   mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+    out = out * tl.sigmoid(gate)
+    o_ptrs = Out + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(Lse + pid_bh * L + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def gated_attention_bwd_preprocess_kernel(
+    dY, Y, G, Delta, dG,
+    sdy_b, sdy_h, sdy_l, sdy_d,
+    sg_b, sg_h, sg_l, sg_d,
+    H, L,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_WISE_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dY * Y); dgate = dY * Y * (1 - sigmoid(gate)), summed over D if head-wise."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < L)[:, None] & (dims < HEAD_DIM)[None, :]
+    dy = tl.load(dY + b * sdy_b + h * sdy_h + rows[:, None] * sdy_l + dims[None, :] * sdy_d, mask=mask, other=0.0)
+    y = tl.load(Y + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+    gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d, mask=mask, other=0.0)
+    dy_y = dy.to(tl.float32) * y.to(tl.float32)
+    tl.store(Delta + pid_bh * L + rows, tl.sum(dy_y, axis=1), mask=rows < L)
+    dgate = dy_y * (1.0 - tl.sigmoid(gate.to(tl.float32)))
+    if HEAD_WISE_GATE:
+        tl.store(dG + pid_bh * L + rows, tl.sum(dgate, axis=1).to(dG.dtype.element_ty), mask=rows < L)
+    else:
+        tl.store(dG + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :],
+                 dgate.to(dG.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNING_KEY)
+@triton.jit
+def gated_attention_bwd_dkdv_kernel(
+    Q, K, V, G, dY, Lse, Delta, dK, dV,
+    sq_b, sq_h, sq_l, sq_d,
+    sk_b, sk_h, sk_s, sk_d,
+    sv_b, sv_h, sv_s, sv_d,
+    sg_b, sg_h, sg_l, sg_d,
+    sdy_b, sdy_h, sdy_l, sdy_d,
+    H, H_KV, L, S, GROUP, qk_scale, scale,
+    L_BUCKET, S_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dV = sum P^T dO and dK = scale * sum dS^T Q over the group's query heads, per key block."""
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = pid_bkv // H_KV
+    kv_h = pid_bkv % H_KV
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < S
+    dim_ok = dims < HEAD_DIM
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * sk_b + kv_h * sk_h + keys[:, None] * sk_s + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + kv_h * sv_h + keys[:, None] * sv_s + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if IS_CAUSAL:  # queries before this key block see none of it
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        bh = b * H + h
+        for start_m in tl.range(lo, L, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < L
+            q_mask = row_ok[:, None] & dim_ok[None, :]
+            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+            dy = tl.load(dY + b * sdy_b + h * sdy_h + rows[:, None] * sdy_l + dims[None, :] * sdy_d,
+                         mask=q_mask, other=0.0)
+            gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d,
+                           mask=q_mask, other=0.0)
+            d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)
+            lse = tl.load(Lse + bh * L + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(Delta + bh * L + rows, mask=row_ok, other=0.0)
+            scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            allowed = key_ok[:, None] & row_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (keys[:, None] <= rows[None, :])
+            p_t = tl.where(allowed, tl.math.exp2(scores_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    out_offsets = (pid_bkv * S + keys[:, None]) * HEAD_DIM + dims[None, :]
+    tl.store(dK + out_offsets, (dk * scale).to(dK.dtype.element_ty), mask=kv_mask)
+    tl.store(dV + out_offsets, dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=TUNING_KEY)
+@triton.jit
+def gated_attention_bwd_dq_kernel(
+    Q, K, V, G, dY, Lse, Delta, dQ,
+    sq_b, sq_h, sq_l, sq_d,
+    sk_b, sk_h, sk_s, sk_d,
+    sv_b, sv_h, sv_s, sv_d,
+    sg_b, sg_h, sg_l, sg_d,
+    sdy_b, sdy_h, sdy_l, sdy_d,
+    H, L, S, GROUP, qk_scale, scale,
+    L_BUCKET, S_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ = scale * sum dS K per query block, dS = P * (dO V^T - delta)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv_h = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < L
+    dim_ok = dims < HEAD_DIM
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+    dy = tl.load(dY + b * sdy_b + h * sdy_h + rows[:, None] * sdy_l + dims[None, :] * sdy_d, mask=q_mask, other=0.0)
+    gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d, mask=q_mask, other=0.0)
+    d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)
+    lse = tl.load(Lse + pid_bh * L + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + pid_bh * L + rows, mask=row_ok, other=0.0)
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = S
+    if IS_CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in tl.range(0, hi, BLOCK_N):
+        keys = start_n + cols
+        key_ok = keys < S
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * sk_s + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        allowed = row_ok[:, None] & key_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (keys[None, :] <= rows[:, None])
+        p = tl.where(allowed, tl.math.exp2(scores - lse[:, None]), 0.0)
+        dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(dQ + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :], (dq * scale).to(dQ.dtype.element_ty),
+             mask=q_mask)
+
+
+def _bucket(n):
+    return triton.next_power_of_2(max(n, 1))
+
+
+def _common_args(q, k, v, gate, is_causal, scale):
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    return dict(
+        batch=batch, heads=heads, kv_heads=k.shape[1], q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+        scale=scale, gate=gate.expand(q.shape),  # head-wise gate: stride 0 along D
+        meta=dict(
+            HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), IS_CAUSAL=bool(is_causal),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ),
+    )
+
+
+def gated_attention_forward(q, k, v, gate, is_causal=False, scale=None):
+    """(out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] float32)."""
+    a = _common_args(q, k, v, gate, is_causal, scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    g = a["gate"]
+
+    def grid(meta):
+        return (triton.cdiv(a["q_len"], meta["BLOCK_M"]), a["batch"] * a["heads"])
+
+    gated_attention_fwd_kernel[grid](
+        q, k, v, g, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+        a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], a["scale"] * LOG2E,
+        _bucket(a["q_len"]), _bucket(a["kv_len"]),
+        **a["meta"],
+    )
+    return out, lse
+
+
+def gated_attention_backward(grad_out, q, k, v, gate, out, lse, is_causal=False, scale=None):
+    """(dq, dk, dv, dgate) in the dtypes and shapes of (q, k, v, gate)."""
+    a = _common_args(q, k, v, gate, is_causal, scale)
+    batch, heads, kv_heads, q_len, kv_len = a["batch"], a["heads"], a["kv_heads"], a["q_len"], a["kv_len"]
+    head_wise = gate.shape[-1] == 1 and a["head_dim"] != 1
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if q.numel() == 0:  # no query: nothing flows back to the keys
+        return dq, dk.zero_(), dv.zero_(), dgate
+    out = out.contiguous()
+    lse = lse.contiguous()
+    g = a["gate"]
+    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    meta = a["meta"]
+    prep_block = 16 if _interpreted() else 64
+    gated_attention_bwd_preprocess_kernel[(triton.cdiv(q_len, prep_block), batch * heads)](
+        grad_out, out, g, delta, dgate,
+        *grad_out.stride(), *g.stride(), heads, q_len,
+        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HEAD_WISE_GATE=head_wise, BLOCK_M=prep_block,
+    )
+    if kv_len == 0:  # no key: the output is 0 whatever q, k, v are
+        return dq.zero_(), dk, dv, dgate
+    strides = (*q.stride(), *k.stride(), *v.stride(), *g.stride(), *grad_out.stride())
+    qk_scale = a["scale"] * LOG2E
+    buckets = (_bucket(q_len), _bucket(kv_len))
+    gated_attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
+        q, k, v, g, grad_out, lse, delta, dk, dv, *strides,
+        heads, kv_heads, q_len, kv_len, heads // kv_heads, qk_scale, a["scale"], *buckets, **meta,
+    )
+    gated_attention_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)](
+        q, k, v, g, grad_out, lse, delta, dq, *strides,
+        heads, q_len, kv_len, heads // kv_heads, qk_scale, a["scale"], *buckets, **meta,
+    )
+    return dq, dk, dv, dgate
+
+
+def flops(batch, heads, q_len, kv_len, head_dim, is_causal, backward=False):
+    """Matmul FLOPs over the (query, key) pairs the mask allows: 2 matmuls of 2*D FLOPs per pair
+    forward, 5 backward (so forward + backward = 3.5x forward)."""
+    if is_causal:  # top-left: query l sees min(l + 1, S) keys
+        shared = min(q_len, kv_len)
+        pairs = shared * (shared + 1) // 2 + max(q_len - kv_len, 0) * kv_len
+    else:
+        pairs = q_len * kv_len
+    forward = 4 * batch * heads * pairs * head_dim
+    return forward * (3.5 if backward else 1.0)

@@ -1,0 +1,117 @@
+"""Triton sinkhorn: a program holds BLOCK_B matrices as one [BLOCK_B, NP, NP] tile in registers
+(NP = n rounded up to a power of two, padding masked to zero), so each of the 2*iters
+normalisations is a register reduction and HBM sees one read of the logits and one write of P.
+
+Backward (mHC eq. 9 unrolled): one normalisation y = x / S, S = sum x + eps along an axis, has
+dx = (dy - <dy, y>) / S. Each step's input x is recomputed from the logits in registers rather
+than stored, O(iters^2) arithmetic on data that never leaves the chip.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _normalise_columns(p, eps):
+    return p / (tl.expand_dims(tl.sum(p, axis=1), 1) + eps)
+
+
+@triton.jit
+def _normalise_rows(p, eps):
+    return p / (tl.expand_dims(tl.sum(p, axis=2), 2) + eps)
+
+
+@triton.jit
+def _load_tile(ptr, pid, matrices, n, BLOCK_B: tl.constexpr, NP: tl.constexpr, other):
+    """Offsets, mask and values of BLOCK_B contiguous n x n matrices."""
+    b = pid * BLOCK_B + tl.arange(0, BLOCK_B)[:, None, None]
+    i = tl.arange(0, NP)[None, :, None]
+    j = tl.arange(0, NP)[None, None, :]
+    offsets = b * n * n + i * n + j
+    mask = (b < matrices) & (i < n) & (j < n)
+    return offsets, mask, tl.load(ptr + offsets, mask=mask, other=other)
+
+
+@triton.jit
+def _shifted_exp(logits):
+    """exp(logits - max) per matrix, with the max (0 for an all-padding matrix)."""
+    max_logit = tl.max(tl.max(logits, axis=2), axis=1)
+    max_logit = tl.where(max_logit == float("-inf"), 0.0, max_logit)[:, None, None]
+    return tl.exp(logits - max_logit), max_logit
+
+
+@triton.jit
+def sinkhorn_fwd_kernel(logits_ptr, out_ptr, matrices, n, iters, eps,
+                        ACC: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr):
+    offsets, mask, logits = _load_tile(logits_ptr, tl.program_id(0), matrices, n, BLOCK_B, NP, float("-inf"))
+    p, _ = _shifted_exp(logits.to(ACC))
+    for _ in tl.range(0, iters):
+        p = _normalise_rows(_normalise_columns(p, eps), eps)
+    tl.store(out_ptr + offsets, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sinkhorn_bwd_kernel(logits_ptr, grad_ptr, grad_logits_ptr, matrices, n, iters, eps,
+                        ACC: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr):
+    pid = tl.program_id(0)
+    offsets, mask, logits = _load_tile(logits_ptr, pid, matrices, n, BLOCK_B, NP, float("-inf"))
+    _, _, g = _load_tile(grad_ptr, pid, matrices, n, BLOCK_B, NP, 0.0)
+    logits = logits.to(ACC)
+    g = g.to(ACC)
+    e, max_logit = _shifted_exp(logits)
+    for reverse_step in tl.range(0, 2 * iters):
+        step = 2 * iters - 1 - reverse_step
+        x = e
+        for _ in tl.range(0, step // 2):
+            x = _normalise_rows(_normalise_columns(x, eps), eps)
+        if step % 2 == 1:  # a row normalisation, whose input had one more column normalisation
+            x = _normalise_columns(x, eps)
+            s = tl.expand_dims(tl.sum(x, axis=2), 2) + eps
+            g = (g - tl.expand_dims(tl.sum(g * x / s, axis=2), 2)) / s
+        else:
+            s = tl.expand_dims(tl.sum(x, axis=1), 1) + eps
+            g = (g - tl.expand_dims(tl.sum(g * x / s, axis=1), 1)) / s
+    # Through exp(L - max L): the max's share of the gradient is split over ties, as torch's amax.
+    g = g * e
+    is_max = (logits == max_logit) & mask
+    maxima = tl.maximum(tl.sum(tl.sum(is_max.to(ACC), axis=2), axis=1), 1.0)[:, None, None]
+    total = tl.sum(tl.sum(g, axis=2), axis=1)[:, None, None]
+    g = tl.where(is_max, g - total / maxima, g)
+    tl.store(grad_logits_ptr + offsets, g.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(n):
+    padded = max(triton.next_power_of_2(n), 2)
+    block_b = max(1, 2048 // (padded * padded))  # about 2K values per program
+    return padded, block_b
+
+
+def _acc_dtype(t):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def sinkhorn_forward(logits, iters=20, eps=1e-6):
+    n = logits.shape[-1]
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    matrices = out.numel() // (n * n) if n else 0
+    if matrices == 0:
+        return out
+    padded, block_b = _launch_config(n)
+    sinkhorn_fwd_kernel[(triton.cdiv(matrices, block_b),)](
+        logits.contiguous(), out, matrices, n, iters, eps, ACC=_acc_dtype(logits), BLOCK_B=block_b, NP=padded
+    )
+    return out
+
+
+def sinkhorn_backward(grad, logits, iters=20, eps=1e-6):
+    n = logits.shape[-1]
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    matrices = grad_logits.numel() // (n * n) if n else 0
+    if matrices == 0:
+        return grad_logits
+    padded, block_b = _launch_config(n)
+    sinkhorn_bwd_kernel[(triton.cdiv(matrices, block_b),)](
+        logits.contiguous(), grad.contiguous(), grad_logits, matrices, n, iters, eps,
+        ACC=_acc_dtype(logits), BLOCK_B=block_b, NP=padded,
+    )
+    return grad_logits

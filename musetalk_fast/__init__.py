@@ -1,0 +1,10 @@
+"""musetalk_fast: Triton and CUDA kernels for gated/sparse attention, mHC and Engram.
+
+`import musetalk_fast` registers every op of shared/SPEC.md as torch.ops.musetalk_fast.<name>
+(schemas and CPU kernels from the C++ extension, fake impls, autograd and the Triton CUDA kernels
+from musetalk_fast.ops), and exposes them as plain functions in musetalk_fast.ops.
+"""
+from . import _C  # noqa: F401  (loads the extension: schemas + CPU kernels)
+from . import ops, reference  # noqa: F401
+
+__version__ = "0.1.0"
