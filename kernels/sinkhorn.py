@@ -71,6 +71,7 @@ def sinkhorn_bwd_kernel(logits_ptr, grad_ptr, grad_logits_ptr, matrices, n, iter
         else:
             s = tl.expand_dims(tl.sum(x, axis=1), 1) + eps
             g = (g - tl.expand_dims(tl.sum(g * x / s, axis=1), 1)) / s
+        g = tl.where(mask, g, 0.0)  # padding lanes carry no gradient (else the next step divides them by eps)
     # Through exp(L - max L): the max's share of the gradient is split over ties, as torch's amax.
     g = g * e
     is_max = (logits == max_logit) & mask

@@ -131,6 +131,8 @@ def gated_attention_with_lse(q, k, v, gate, is_causal=False, scale=None):
 
 def sinkhorn(logits, iters=20, eps=1e-6):
     """P = exp(logits - max), then `iters` rounds of (normalise columns, normalise rows)."""
+    if logits.numel() == 0:  # amax has no identity on an empty matrix
+        return torch.exp(logits)
     p = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
     for _ in range(iters):
         p = p / (p.sum(dim=-2, keepdim=True) + eps)

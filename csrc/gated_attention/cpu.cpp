@@ -119,7 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor dgate = dy * y * (1 - gate_sigmoid);
   if (s.head_wise_gate) dgate = dgate.sum(-1, /*keepdim=*/true);
 
-  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  // Outputs are contiguous whatever the inputs' strides (empty_like would copy a transposed layout).
+  const auto options = q.options().dtype(compute);
+  at::Tensor dq = at::empty(q.sizes(), options), dk = at::empty(k.sizes(), options), dv = at::empty(v.sizes(), options);
   at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.kv_heads, h = task % s.kv_heads;
@@ -137,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       dq[b].index({heads}).copy_(at::matmul(ds, kc[b][h]).view({group, s.q_len, s.head_dim}));
     }
   });
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dgate.to(gate.scalar_type())};
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dgate.to(gate.scalar_type()).contiguous()};
 }
 
 }  // namespace gated_attention

@@ -1,0 +1,48 @@
+"""Shared test machinery: which backends run here, and the dtype-aware closeness rule."""
+import os
+
+import torch
+
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def kernel_backends():
+    """Where the kernels run in this session: the CPU C++ kernels always; the Triton kernels on the
+    GPU, or on CPU tensors under the interpreter."""
+    backends = ["cpu"]
+    if HAS_CUDA:
+        backends.append("cuda")
+    elif TRITON_INTERPRETED:
+        backends.append("triton-interpreter")
+    return backends
+
+
+def backend_device(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_close_to_reference(got, exact, same_math_at_dtype=None, name="output", atol=None, rtol=None,
+                              extra_allowance=0.0):
+    """FlashAttention's rule for low precision: the kernel's error against the float64 reference is at
+    most twice the error of the same math done by PyTorch at the kernel's dtype (plus a hair).
+    float32/float64 kernels are compared directly against the reference. `extra_allowance` is an
+    error the op's design adds on purpose (measured by the caller, never guessed)."""
+    got, exact = got.detach().double().cpu(), exact.detach().double().cpu()
+    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    if same_math_at_dtype is None:
+        torch.testing.assert_close(got, exact, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        return
+    lowp = same_math_at_dtype.detach().double().cpu()
+    error = (got - exact).abs().max().item() if got.numel() else 0.0
+    baseline = (lowp - exact).abs().max().item() if got.numel() else 0.0
+    scale = exact.abs().max().item() if got.numel() else 0.0
+    # The hair: about one bfloat16 ulp at the reference's magnitude (rounding of saved low-precision
+    # tensors, e.g. the output the backward reads, can make an exactly-zero gradient ~1e-3).
+    assert error <= 2 * baseline + 2 * extra_allowance + 1e-2 * max(scale, 1.0), (
+        f"{name}: max error {error:.3e} vs PyTorch-at-dtype error {baseline:.3e} (reference max {scale:.3e})"
+    )

@@ -1,0 +1,229 @@
+"""gated_attention: CPU C++ kernel and Triton kernel vs the reference, forward and all four
+gradients, over random shapes (L != S, odd lengths, GQA/MQA, head-wise gates, the transposed
+layout); gradcheck, opcheck, torch.compile, bad input."""
+import random
+
+import pytest
+import torch
+
+import musetalk_fast
+from musetalk_fast import reference
+from tests.helpers import HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+
+
+def random_cases(count, seed, max_len):
+    """(B, Hq, Hkv, L, S, D, causal, head_wise, transposed), shapes drawn with a fixed seed."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        q_heads = rng.choice([1, 4, 8])
+        kv_heads = rng.choice([h for h in (1, 2, 4, 8) if q_heads % h == 0])
+        cases.append((rng.randint(1, 2), q_heads, kv_heads, rng.randint(1, max_len), rng.randint(1, max_len),
+                      rng.choice([16, 32, 64]), rng.random() < 0.5, rng.random() < 0.3, rng.random() < 0.3))
+    return cases
+
+
+EDGE_CASES = [
+    (1, 1, 1, 1, 1, 16, False, False, False),  # one query, one key
+    (1, 8, 1, 7, 33, 64, True, False, False),  # MQA, causal with L < S
+    (1, 8, 2, 33, 7, 32, True, True, True),  # causal with L > S, head-wise gate, transposed
+    (2, 4, 4, 16, 16, 128, True, False, True),  # D = 128, exact block
+    (1, 2, 1, 5, 0, 16, False, False, False),  # no keys: out = 0
+    (1, 2, 2, 0, 9, 16, True, False, False),  # no queries
+    (0, 2, 1, 4, 4, 16, False, False, False),  # empty batch
+    (1, 2, 1, 9, 11, 24, False, False, False),  # D not a power of two
+]
+CASES = EDGE_CASES + random_cases(14, seed=2026, max_len=48)
+
+
+def make_inputs(case, dtype, device, seed):
+    batch, q_heads, kv_heads, q_len, kv_len, head_dim, _, head_wise, transposed = case
+    gen = seeded(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def bhld(b, h, n, d):  # [B, H, N, D], as a transposed [B, N, H, D] view when asked
+        t = randn(b, n, h, d).transpose(1, 2) if transposed else randn(b, h, n, d)
+        return t.to(dtype).to(device)
+
+    q = bhld(batch, q_heads, q_len, head_dim)
+    k = bhld(batch, kv_heads, kv_len, head_dim)
+    v = bhld(batch, kv_heads, kv_len, head_dim)
+    gate = bhld(batch, q_heads, q_len, 1 if head_wise else head_dim)
+    return q, k, v, gate
+
+
+def run_kernel(backend, q, k, v, gate, grad, is_causal):
+    """(out, dq, dk, dv, dgate) through the op (cpu, cuda) or the Triton launchers (interpreter)."""
+    if backend == "triton-interpreter":
+        from musetalk_fast.kernels.gated_attention import gated_attention_backward, gated_attention_forward
+
+        out, lse = gated_attention_forward(q, k, v, gate, is_causal)
+        return (out, *gated_attention_backward(grad, q, k, v, gate, out, lse, is_causal))
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, gate)]
+    out = musetalk_fast.ops.gated_attention(*inputs, is_causal=is_causal)
+    grads = torch.autograd.grad(out, inputs, grad) if out.numel() else [torch.zeros_like(t) for t in inputs]
+    return (out, *grads)
+
+
+def reference_outputs(q, k, v, gate, grad, is_causal, dtype):
+    """Reference forward and gradients computed at `dtype` (float64 for the exact answer)."""
+    inputs = [t.detach().cpu().to(dtype).requires_grad_() for t in (q, k, v, gate)]
+    if dtype in (torch.float16, torch.bfloat16):
+        out = attention_at_dtype(*inputs, is_causal)
+    else:
+        out = reference.gated_attention(*inputs, is_causal=is_causal)
+    grads = torch.autograd.grad(out, inputs, grad.cpu().to(dtype), allow_unused=True) if out.numel() else None
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads or [None] * 4, inputs)]
+    return (out, *grads)
+
+
+def attention_at_dtype(q, k, v, gate, is_causal):
+    """The same math, every op in the inputs' dtype (FlashAttention's low-precision baseline)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if is_causal:
+        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    attn = torch.softmax(scores, dim=-1) @ v if k.shape[2] else torch.zeros_like(q)
+    return attn * torch.sigmoid(gate)
+
+
+def saved_output_rounding_error(q, k, v, gate, grad, is_causal, dtype):
+    """The dq, dk error that SPEC 4's design adds by design: the backward's delta = rowsum(dY * Y) reads
+    Y stored at `dtype`. With d_delta that rounding, dS changes by -P * d_delta (times the scale)."""
+    q, k, v, gate, grad = (t.detach().cpu().double() for t in (q, k, v, gate, grad))
+    out = reference.gated_attention(q, k, v, gate, is_causal)
+    d_delta = (grad * (out.to(dtype).double() - out)).sum(-1, keepdim=True)
+    group = q.shape[1] // k.shape[1]
+    k_rep = k.repeat_interleave(group, 1)
+    scale = q.shape[-1] ** -0.5
+    scores = q @ k_rep.transpose(-1, -2) * scale
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    ds = -torch.softmax(scores, dim=-1) * d_delta * scale if k.shape[2] else scores
+    dq_error = ds @ k_rep
+    dk_error = (ds.transpose(-1, -2) @ q).unflatten(1, (k.shape[1], group)).sum(2)
+    return [0.0, *(e.abs().max().item() if e.numel() else 0.0 for e in (dq_error, dk_error)), 0.0, 0.0]
+
+
+NAMES = ("out", "dq", "dk", "dv", "dgate")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_float32_matches_reference(backend, case):
+    device = backend_device(backend)
+    q, k, v, gate = make_inputs(case, torch.float32, device, seed=1)
+    is_causal = case[6]
+    grad = torch.randn(q.shape, generator=seeded(2), dtype=torch.float64).to(torch.float32).to(device)
+    got = run_kernel(backend, q, k, v, gate, grad, is_causal)
+    exact = reference_outputs(q, k, v, gate, grad, is_causal, torch.float64)
+    for name, g, e in zip(NAMES, got, exact):
+        assert g.dtype == torch.float32
+        assert_close_to_reference(g, e, name=name, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES[:4] + CASES[8:14], ids=str)
+def test_half_precision_matches_reference(backend, dtype, case):
+    device = backend_device(backend)
+    q, k, v, gate = make_inputs(case, dtype, device, seed=3)
+    is_causal = case[6]
+    grad = torch.randn(q.shape, generator=seeded(4), dtype=torch.float64).to(dtype).to(device)
+    got = run_kernel(backend, q, k, v, gate, grad, is_causal)
+    exact = reference_outputs(q, k, v, gate, grad, is_causal, torch.float64)
+    same_math = reference_outputs(q, k, v, gate, grad, is_causal, dtype)
+    by_design = saved_output_rounding_error(q, k, v, gate, grad, is_causal, dtype)
+    for name, g, e, s, extra in zip(NAMES, got, exact, same_math, by_design):
+        assert g.dtype == dtype
+        assert_close_to_reference(g, e, s, name=name, extra_allowance=extra)
+
+
+def test_float64_and_lse_on_cpu():
+    case = (2, 4, 2, 13, 21, 16, True, False, True)
+    q, k, v, gate = make_inputs(case, torch.float64, "cpu", seed=5)
+    out, lse = torch.ops.musetalk_fast.gated_attention_forward(q, k, v, gate, True, 0.3)
+    ref_out, ref_lse = reference.gated_attention_with_lse(q, k, v, gate, True, 0.3)
+    assert out.dtype == lse.dtype == torch.float64 and out.is_contiguous()
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("is_causal,head_wise", [(False, False), (True, True), (True, False)])
+def test_gradcheck_float64(is_causal, head_wise):
+    case = (1, 4, 2, 5, 7, 8, is_causal, head_wise, False)
+    inputs = [t.requires_grad_() for t in make_inputs(case, torch.float64, "cpu", seed=6)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, g: musetalk_fast.ops.gated_attention(q, k, v, g, is_causal=is_causal), inputs)
+
+
+def test_opcheck():
+    case = (1, 4, 2, 6, 9, 16, True, True, True)
+    q, k, v, gate = [t.requires_grad_() for t in make_inputs(case, torch.float32, "cpu", seed=7)]
+    torch.library.opcheck(torch.ops.musetalk_fast.gated_attention_forward.default, (q, k, v, gate, True, None))
+    out, lse = torch.ops.musetalk_fast.gated_attention_forward(q, k, v, gate, True, None)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), gate.detach(), out.detach(), lse, True, None)
+    torch.library.opcheck(torch.ops.musetalk_fast.gated_attention_backward.default, args)
+
+
+def test_torch_compile_fullgraph():
+    case = (1, 4, 1, 8, 8, 16, True, False, False)
+    inputs = make_inputs(case, torch.float32, "cpu", seed=8)
+
+    def loss_fn(q, k, v, gate):
+        return musetalk_fast.ops.gated_attention(q, k, v, gate, is_causal=True).square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    eager_leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(loss_fn(*eager_leaves), eager_leaves)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_lse_is_not_differentiable():
+    q, k, v, gate = [t.requires_grad_() for t in make_inputs((1, 1, 1, 3, 3, 16, False, False, False),
+                                                            torch.float32, "cpu", seed=9)]
+    _, lse = torch.ops.musetalk_fast.gated_attention_forward(q, k, v, gate, False, None)
+    assert not lse.requires_grad
+
+
+def _good(**changes):
+    shapes = dict(q=(1, 4, 5, 16), k=(1, 2, 6, 16), v=(1, 2, 6, 16), gate=(1, 4, 5, 16))
+    tensors = {name: torch.randn(*shape) for name, shape in shapes.items()}
+    tensors.update(changes)
+    return tensors
+
+
+BAD_INPUTS = [
+    (_good(k=torch.randn(1, 2, 6, 32), v=torch.randn(1, 2, 6, 32)), ValueError, "k head dim"),
+    (_good(k=torch.randn(1, 3, 6, 16), v=torch.randn(1, 3, 6, 16)), ValueError, r"multiple of k/v heads"),
+    (_good(gate=torch.randn(1, 4, 5, 8)), ValueError, "gate must have shape"),
+    (_good(gate=torch.randn(1, 4, 5)), ValueError, "gate must have rank 4"),
+    (_good(v=torch.randn(1, 2, 7, 16)), ValueError, "v must have k's shape"),
+    (_good(k=torch.randn(2, 2, 6, 16), v=torch.randn(2, 2, 6, 16)), ValueError, "k batch"),
+    (_good(v=torch.randn(1, 2, 6, 16, dtype=torch.float64)), TypeError, "v must have q's dtype"),
+    (_good(q=torch.randint(0, 3, (1, 4, 5, 16))), TypeError, "q must be"),
+]
+
+
+@pytest.mark.parametrize("tensors,error,message", BAD_INPUTS)
+def test_bad_input_names_the_argument(tensors, error, message):
+    with pytest.raises(error, match=message):
+        musetalk_fast.ops.gated_attention(**tensors)
+    with pytest.raises(error, match=message):  # the fake impl, which torch.compile traces, checks the same
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            musetalk_fast.ops.gated_attention(**{n: mode.from_tensor(t) for n, t in tensors.items()})
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_mixed_devices_are_rejected():
+    tensors = _good()
+    tensors["k"] = tensors["k"].cuda()
+    with pytest.raises(ValueError, match="device"):
+        musetalk_fast.ops.gated_attention(**tensors)

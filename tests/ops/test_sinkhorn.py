@@ -1,0 +1,144 @@
+"""sinkhorn: CPU C++ kernel and Triton kernel vs the reference, gradients, gradcheck, opcheck,
+torch.compile, bad input."""
+import pytest
+import torch
+
+import musetalk_fast
+from musetalk_fast import reference
+from tests.helpers import HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+
+SHAPES = [(1, 1), (3, 2), (5, 3), (2, 3, 4), (17, 4), (4, 5), (2, 7), (3, 16), (0, 4), (2, 0, 4), (4, 0)]
+ITERS = [0, 1, 7, 20]
+
+
+def run_forward(backend, logits, iters, eps):
+    if backend == "triton-interpreter":
+        from musetalk_fast.kernels.sinkhorn import sinkhorn_forward
+
+        return sinkhorn_forward(logits, iters, eps)
+    return musetalk_fast.ops.sinkhorn(logits, iters, eps)
+
+
+def run_backward(backend, grad, logits, iters, eps):
+    if backend == "triton-interpreter":
+        from musetalk_fast.kernels.sinkhorn import sinkhorn_backward
+
+        return sinkhorn_backward(grad, logits, iters, eps)
+    x = logits.detach().requires_grad_()
+    (grad_logits,) = torch.autograd.grad(musetalk_fast.ops.sinkhorn(x, iters, eps), x, grad)
+    return grad_logits
+
+
+def make_logits(shape, seed, dtype, device, scale=2.0):
+    *batch, n = shape
+    return (torch.randn(*batch, n, n, generator=seeded(seed), dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_reference(backend, dtype, shape):
+    device = backend_device(backend)
+    for seed, iters in enumerate(ITERS):
+        logits = make_logits(shape, seed, dtype, device)
+        eps = 1e-6
+        exact_in = logits.detach().double().cpu().requires_grad_()
+        exact = reference.sinkhorn(exact_in, iters, eps)
+        grad = torch.randn(exact.shape, generator=seeded(100 + seed), dtype=torch.float64)
+        (exact_grad,) = torch.autograd.grad(exact, exact_in, grad) if exact.numel() else (torch.zeros_like(exact),)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+        out = run_forward(backend, logits, iters, eps)
+        assert out.dtype == dtype and out.is_contiguous()
+        assert_close_to_reference(out, exact, name=f"P iters={iters}", **tol)
+        grad_logits = run_backward(backend, grad.to(dtype).to(device), logits, iters, eps)
+        assert_close_to_reference(grad_logits, exact_grad, name=f"dlogits iters={iters}", **tol)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(backend, dtype):
+    device = backend_device(backend)
+    logits = make_logits((6, 4), 3, dtype, device)
+    exact = reference.sinkhorn(logits.double().cpu())
+    same_math = reference.sinkhorn(logits.float().cpu()).to(dtype)  # the kernel computes in fp32, stores dtype
+    out = run_forward(backend, logits, 20, 1e-6)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, exact, same_math, name="P")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_output_is_doubly_stochastic(backend):
+    logits = make_logits((64, 4), 7, torch.float32, backend_device(backend))
+    p = run_forward(backend, logits, 50, 1e-9)
+    torch.testing.assert_close(p.sum(-1).cpu(), torch.ones(64, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.sum(-2).cpu(), torch.ones(64, 4), atol=1e-3, rtol=0)
+    assert (p >= 0).all()
+
+
+def test_non_contiguous_input():
+    base = make_logits((6, 4), 1, torch.float64, "cpu")
+    logits = base.transpose(-1, -2)  # a non-contiguous view
+    torch.testing.assert_close(musetalk_fast.ops.sinkhorn(logits, 5), reference.sinkhorn(logits, 5))
+
+
+def test_gradcheck_float64():
+    logits = make_logits((3, 4), 2, torch.float64, "cpu").requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: musetalk_fast.ops.sinkhorn(x, 6, 1e-6), (logits,))
+    assert torch.autograd.gradcheck(lambda x: musetalk_fast.ops.sinkhorn(x, 1, 0.0), (logits,))
+
+
+def test_opcheck():
+    for shape in [(3, 4), (2, 2, 3)]:
+        logits = make_logits(shape, 4, torch.float32, "cpu").requires_grad_()
+        torch.library.opcheck(torch.ops.musetalk_fast.sinkhorn.default, (logits, 5, 1e-6))
+        grad = torch.randn_like(logits)
+        torch.library.opcheck(torch.ops.musetalk_fast.sinkhorn_backward.default, (grad, logits.detach(), 5, 1e-6))
+
+
+def test_torch_compile_fullgraph():
+    def loss_fn(logits):
+        return (musetalk_fast.ops.sinkhorn(logits, 8) ** 2).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    logits = make_logits((5, 4), 5, torch.float32, "cpu").requires_grad_()
+    loss = compiled(logits)
+    (grad,) = torch.autograd.grad(loss, logits)
+    x = logits.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(loss_fn(x), x)
+    torch.testing.assert_close(loss, loss_fn(logits.detach()))
+    torch.testing.assert_close(grad, expected)
+
+
+BAD_INPUTS = [
+    (lambda: (torch.zeros(3, 4, dtype=torch.int64), 20, 1e-6), TypeError, "logits"),
+    (lambda: (torch.zeros(4), 20, 1e-6), ValueError, "logits"),
+    (lambda: (torch.zeros(2, 3, 4), 20, 1e-6), ValueError, "logits"),
+    (lambda: (torch.zeros(2, 17, 17), 20, 1e-6), ValueError, "n must be at most"),
+    (lambda: (torch.zeros(2, 4, 4), -1, 1e-6), ValueError, "iters"),
+    (lambda: (torch.zeros(2, 4, 4), 3, -1.0), ValueError, "eps"),
+]
+
+
+@pytest.mark.parametrize("make_args,error,message", BAD_INPUTS)
+def test_bad_input_names_the_argument(make_args, error, message):
+    with pytest.raises(error, match=message):
+        musetalk_fast.ops.sinkhorn(*make_args())
+    with pytest.raises(error, match=message):  # the fake impl (torch.compile's path) checks the same
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            args = make_args()
+            musetalk_fast.ops.sinkhorn(mode.from_tensor(args[0]), *args[1:])
+
+
+def test_backward_rejects_mismatched_grad():
+    with pytest.raises(ValueError, match="grad"):
+        torch.ops.musetalk_fast.sinkhorn_backward(torch.zeros(2, 3, 3), torch.zeros(2, 4, 4), 3, 1e-6)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_cuda_cpp_candidate_matches_triton():
+    logits = make_logits((257, 4), 9, torch.float32, "cuda")
+    grad = torch.randn_like(logits)
+    torch.testing.assert_close(torch.ops.musetalk_fast.sinkhorn_cudacpp(logits, 20, 1e-6),
+                               musetalk_fast.ops.sinkhorn(logits, 20, 1e-6))
+    torch.testing.assert_close(torch.ops.musetalk_fast.sinkhorn_backward_cudacpp(grad, logits, 20, 1e-6),
+                               torch.ops.musetalk_fast.sinkhorn_backward(grad, logits, 20, 1e-6))
