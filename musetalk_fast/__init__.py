@@ -5,6 +5,6 @@
 from musetalk_fast.ops), and exposes them as plain functions in musetalk_fast.ops.
 """
 from . import _C  # noqa: F401  (loads the extension: schemas + CPU kernels)
-from . import ops, reference  # noqa: F401
+from . import nn, ops, reference  # noqa: F401
 
 __version__ = "0.1.0"

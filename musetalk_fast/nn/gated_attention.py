@@ -1,0 +1,55 @@
+"""GatedAttention: a drop-in attention block with Qwen's G1 output gate, fused in the kernel.
+
+As in Qwen3-Next, the gate is packed into q_proj: for each head, q_proj emits the query and its
+gate logits side by side, so one matmul gives both. The attention runs on [B, L, H, D] views
+transposed to [B, H, L, D] without copies.
+"""
+import torch
+from torch import nn
+
+from ..ops.gated_attention import gated_attention
+
+
+class GatedAttention(nn.Module):
+    """x [B, L, hidden] -> [B, L, hidden].
+
+    Args:
+        hidden_size: model width.
+        num_heads: query heads Hq.
+        num_kv_heads: key/value heads Hkv (Hq % Hkv == 0; GQA/MQA). Defaults to num_heads.
+        head_dim: D. Defaults to hidden_size // num_heads.
+        head_wise_gate: one gate per head (gate [B, Hq, L, 1]) instead of one per channel.
+        is_causal: default causal flag (top-left aligned), overridable per call; it stands in for
+            an attention mask.
+        rope: optional callable (q, k, position_ids) -> (q, k) on [B, L, H, D] tensors.
+        bias: bias in the q/k/v projections.
+    """
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, head_wise_gate=False,
+                 is_causal=False, rope=None, bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.gate_dim = 1 if head_wise_gate else self.head_dim
+        self.is_causal = is_causal
+        self.rope = rope
+        self.q_proj = nn.Linear(hidden_size, num_heads * (self.head_dim + self.gate_dim), bias=bias)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+
+    def forward(self, x, is_causal=None, position_ids=None):
+        batch, length, _ = x.shape
+        query_and_gate = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim + self.gate_dim)
+        q, gate = query_and_gate.split([self.head_dim, self.gate_dim], dim=-1)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.rope is not None:
+            q, k = self.rope(q, k, position_ids)
+        causal = self.is_causal if is_causal is None else is_causal
+        out = gated_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate.transpose(1, 2),
+                              is_causal=causal)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
