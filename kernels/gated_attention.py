@@ -53,7 +53,7 @@ def gated_attention_fwd_kernel(
     H, L, S, GROUP, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
     L_BUCKET, S_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -100,9 +100,10 @@ def gated_attention_fwd_kernel(
     # Epilogue: normalise, gate, store once. A row with no key (S = 0) gives 0 and lse = -inf.
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d,
-                   mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-    out = out * tl.sigmoid(gate)
+    if HAS_GATE:
+        gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d,
+                       mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        out = out * tl.sigmoid(gate)
     o_ptrs = Out + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
@@ -273,7 +274,10 @@ def _common_args(q, k, v, gate, is_causal, scale):
 
 
 def gated_attention_forward(q, k, v, gate, is_causal=False, scale=None):
-    """(out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] float32)."""
+    """(out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] float32). gate=None runs the same kernel
+    ungated (plain SDPA): the benchmark's measure of what the fused gate costs."""
+    has_gate = gate is not None
+    gate = q[..., :1] if gate is None else gate  # never read when ungated
     a = _common_args(q, k, v, gate, is_causal, scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -289,7 +293,7 @@ def gated_attention_forward(q, k, v, gate, is_causal=False, scale=None):
         *q.stride(), *k.stride(), *v.stride(), *g.stride(),
         a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], a["scale"] * LOG2E,
         _bucket(a["q_len"]), _bucket(a["kv_len"]),
-        **a["meta"],
+        **a["meta"], HAS_GATE=has_gate,
     )
     return out, lse
 

@@ -31,4 +31,7 @@ def _fix_interpreter_bfloat16_dot():
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_interpreter_bfloat16_dot()
+    from triton.runtime import interpreter as _interpreter
+
+    if hasattr(_interpreter, "InterpreterBuilder") and hasattr(_interpreter, "_convert_float"):
+        _fix_interpreter_bfloat16_dot()

@@ -1,0 +1,1 @@
+"""One module per op family; each exposes cases(device) -> list[bench.case.Case]."""
