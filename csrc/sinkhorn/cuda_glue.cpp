@@ -1,7 +1,8 @@
 // Torch glue of the CUDA C++ sinkhorn candidates (compiled only in CUDA builds).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -22,7 +23,7 @@ at::Tensor sinkhorn_cudacpp(const at::Tensor& logits, int64_t iters, double eps)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_cudacpp", [&] {
     C10_CUDA_CHECK(launch_forward<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), matrices,
                                             n, static_cast<int>(iters), static_cast<scalar_t>(eps),
-                                            at::cuda::getCurrentCUDAStream()));
+                                            c10::cuda::getCurrentCUDAStream()));
   });
   return out.to(logits.scalar_type());
 }
@@ -39,7 +40,7 @@ at::Tensor sinkhorn_backward_cudacpp(const at::Tensor& grad, const at::Tensor& l
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_backward_cudacpp", [&] {
     C10_CUDA_CHECK(launch_backward<scalar_t>(x.const_data_ptr<scalar_t>(), grad_logits.mutable_data_ptr<scalar_t>(),
                                              matrices, n, static_cast<int>(iters), static_cast<scalar_t>(eps),
-                                             at::cuda::getCurrentCUDAStream()));
+                                             c10::cuda::getCurrentCUDAStream()));
   });
   return grad_logits.to(logits.scalar_type());
 }
