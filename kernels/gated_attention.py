@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LOG2E_ = tl.constexpr(LOG2E)  # the same constant inside kernels
 
 
 def _interpreted():
@@ -42,6 +43,76 @@ DQ_CONFIGS = _configs([(128, 32), (128, 64), (64, 64), (64, 32)], [4, 8], [2, 3]
 TUNING_KEY = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
 
 
+@triton.jit
+def _load_tile(base, rows, n_rows, stride_row, stride_d, dims,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """A [len(rows), BLOCK_D] tile, zero past n_rows and HEAD_DIM. Bounds checks only where needed:
+    CHECK_ROWS is off for blocks known to be in range, and the D check vanishes when BLOCK_D == D."""
+    ptrs = base + rows[:, None] * stride_row + dims[None, :] * stride_d
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=(dims < HEAD_DIM)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, rows, n_rows, dims, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store into a contiguous [n_rows, HEAD_DIM] matrix."""
+    ptrs = base + rows[:, None] * HEAD_DIM + dims[None, :]
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value, mask=(rows < n_rows)[:, None])
+    else:
+        tl.store(ptrs, value, mask=(rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, lo, hi, S, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): FlashAttention-2's running max m_i and sum l_i."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_base, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            allowed = (keys < S)[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (keys[None, :] <= rows[:, None])
+            scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        if MASKED:
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(scores - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_ranges(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """For the query block at start_m: key blocks [0, full_hi) need no mask (in range, and before the
+    causal diagonal); [full_hi, hi) are masked; keys past hi are invisible (top-left causal)."""
+    if IS_CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)
+        full_hi = (tl.minimum(S, start_m + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full_hi = (S // BLOCK_N) * BLOCK_N
+    return full_hi, hi
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=TUNING_KEY)
 @triton.jit
 def gated_attention_fwd_kernel(
@@ -60,54 +131,31 @@ def gated_attention_fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     kv_h = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < L
-    dim_ok = dims < HEAD_DIM
-
-    q_ptrs = Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = _load_tile(Q + b * sq_b + h * sq_h, rows, L, sq_l, sq_d, dims, HEAD_DIM, BLOCK_D, True)
     k_base = K + b * sk_b + kv_h * sk_h
     v_base = V + b * sv_b + kv_h * sv_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    for start_n in tl.range(0, hi, BLOCK_N):
-        keys = start_n + cols
-        key_ok = keys < S
-        k_t = tl.load(k_base + keys[None, :] * sk_s + dims[:, None] * sk_d,
-                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
-        v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :] * sv_d,
-                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        allowed = key_ok[None, :]
-        if IS_CAUSAL:
-            allowed = allowed & (keys[None, :] <= rows[:, None])
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-        p = tl.math.exp2(scores - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    full_hi, hi = _key_ranges(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, 0, full_hi,
+                               S, qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, full_hi, hi,
+                               S, qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, True)
 
     # Epilogue: normalise, gate, store once. A row with no key (S = 0) gives 0 and lse = -inf.
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if HAS_GATE:
-        gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d,
-                       mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-        out = out * tl.sigmoid(gate)
-    o_ptrs = Out + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(Lse + pid_bh * L + rows, lse, mask=row_ok)
+        gate = _load_tile(G + b * sg_b + h * sg_h, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
+        out = out * tl.sigmoid(gate.to(tl.float32))
+    _store_tile(Out + pid_bh * L * HEAD_DIM, rows, L, dims, out.to(Out.dtype.element_ty), HEAD_DIM, BLOCK_D)
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / LOG2E_, float("-inf"))
+    tl.store(Lse + pid_bh * L + rows, lse, mask=rows < L)
 
 
 @triton.jit
@@ -125,18 +173,48 @@ def gated_attention_bwd_preprocess_kernel(
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    mask = (rows < L)[:, None] & (dims < HEAD_DIM)[None, :]
-    dy = tl.load(dY + b * sdy_b + h * sdy_h + rows[:, None] * sdy_l + dims[None, :] * sdy_d, mask=mask, other=0.0)
-    y = tl.load(Y + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
-    gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d, mask=mask, other=0.0)
+    dy = _load_tile(dY + b * sdy_b + h * sdy_h, rows, L, sdy_l, sdy_d, dims, HEAD_DIM, BLOCK_D, True)
+    y = _load_tile(Y + pid_bh * L * HEAD_DIM, rows, L, HEAD_DIM, 1, dims, HEAD_DIM, BLOCK_D, True)
+    gate = _load_tile(G + b * sg_b + h * sg_h, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
     dy_y = dy.to(tl.float32) * y.to(tl.float32)
     tl.store(Delta + pid_bh * L + rows, tl.sum(dy_y, axis=1), mask=rows < L)
     dgate = dy_y * (1.0 - tl.sigmoid(gate.to(tl.float32)))
     if HEAD_WISE_GATE:
         tl.store(dG + pid_bh * L + rows, tl.sum(dgate, axis=1).to(dG.dtype.element_ty), mask=rows < L)
     else:
-        tl.store(dG + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :],
-                 dgate.to(dG.dtype.element_ty), mask=mask)
+        _store_tile(dG + pid_bh * L * HEAD_DIM, rows, L, dims, dgate.to(dG.dtype.element_ty), HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, lse_base, delta_base,
+                sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, lo, hi, L, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate one query head's query blocks [lo, hi) into the key block's dK, dV."""
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows, L, sq_l, sq_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        dy = _load_tile(dy_base, rows, L, sdy_l, sdy_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        gate = _load_tile(g_base, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)  # dO = dY * s
+        if MASKED:
+            lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
+            delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(scores_t - lse[None, :] * LOG2E_)
+        if MASKED:
+            allowed = (rows < L)[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (keys[:, None] <= rows[None, :])
+            p_t = tl.where(allowed, p_t, 0.0)
+        dv += tl.dot(p_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=TUNING_KEY)
@@ -158,45 +236,62 @@ def gated_attention_bwd_dkdv_kernel(
     pid_bkv = tl.program_id(1)
     b = pid_bkv // H_KV
     kv_h = pid_bkv % H_KV
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    keys = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    key_ok = keys < S
-    dim_ok = dims < HEAD_DIM
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * sk_b + kv_h * sk_h + keys[:, None] * sk_s + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + kv_h * sv_h + keys[:, None] * sv_s + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
+    k = _load_tile(K + b * sk_b + kv_h * sk_h, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + b * sv_b + kv_h * sv_h, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Query blocks: [lo, mid) masked (causal diagonal), [mid, full_hi) unmasked, [tail, L) masked
+    # (ragged end). Queries before lo see none of these keys (top-left causal).
+    full_hi = (L // BLOCK_M) * BLOCK_M
     lo = 0
-    if IS_CAUSAL:  # queries before this key block see none of it
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    mid = 0
+    if IS_CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        first_unmasked = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+        mid = tl.maximum(lo, tl.minimum(first_unmasked, full_hi))
+    tail = tl.maximum(mid, full_hi)
     for g in range(GROUP):
         h = kv_h * GROUP + g
         bh = b * H + h
-        for start_m in tl.range(lo, L, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < L
-            q_mask = row_ok[:, None] & dim_ok[None, :]
-            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
-            dy = tl.load(dY + b * sdy_b + h * sdy_h + rows[:, None] * sdy_l + dims[None, :] * sdy_d,
-                         mask=q_mask, other=0.0)
-            gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d,
-                           mask=q_mask, other=0.0)
-            d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)
-            lse = tl.load(Lse + bh * L + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(Delta + bh * L + rows, mask=row_ok, other=0.0)
-            scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            allowed = key_ok[:, None] & row_ok[None, :]
+        q_base = Q + b * sq_b + h * sq_h
+        dy_base = dY + b * sdy_b + h * sdy_h
+        g_base = G + b * sg_b + h * sg_h
+        dk, dv = _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, Lse + bh * L, Delta + bh * L,
+                             sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, lo, mid, L, qk_scale,
+                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True)
+        dk, dv = _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, Lse + bh * L, Delta + bh * L,
+                             sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, mid, full_hi, L, qk_scale,
+                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, False)
+        dk, dv = _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, Lse + bh * L, Delta + bh * L,
+                             sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, tail, L, L, qk_scale,
+                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True)
+    _store_tile(dK + pid_bkv * S * HEAD_DIM, keys, S, dims, (dk * scale).to(dK.dtype.element_ty), HEAD_DIM, BLOCK_D)
+    _store_tile(dV + pid_bkv * S * HEAD_DIM, keys, S, dims, dv.to(dV.dtype.element_ty), HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_inner(dq, q, d_out, lse, delta, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, lo, hi, S, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate key blocks [lo, hi) into the query block's dQ (unscaled)."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_base, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(scores - lse[:, None])
+        if MASKED:
+            allowed = (keys < S)[None, :]
             if IS_CAUSAL:
-                allowed = allowed & (keys[:, None] <= rows[None, :])
-            p_t = tl.where(allowed, tl.math.exp2(scores_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    out_offsets = (pid_bkv * S + keys[:, None]) * HEAD_DIM + dims[None, :]
-    tl.store(dK + out_offsets, (dk * scale).to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(dV + out_offsets, dv.to(dV.dtype.element_ty), mask=kv_mask)
+                allowed = allowed & (keys[None, :] <= rows[:, None])
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNING_KEY)
@@ -219,40 +314,24 @@ def gated_attention_bwd_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     kv_h = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < L
-    dim_ok = dims < HEAD_DIM
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d, mask=q_mask, other=0.0)
-    dy = tl.load(dY + b * sdy_b + h * sdy_h + rows[:, None] * sdy_l + dims[None, :] * sdy_d, mask=q_mask, other=0.0)
-    gate = tl.load(G + b * sg_b + h * sg_h + rows[:, None] * sg_l + dims[None, :] * sg_d, mask=q_mask, other=0.0)
-    d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)
-    lse = tl.load(Lse + pid_bh * L + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + pid_bh * L + rows, mask=row_ok, other=0.0)
+    q = _load_tile(Q + b * sq_b + h * sq_h, rows, L, sq_l, sq_d, dims, HEAD_DIM, BLOCK_D, True)
+    dy = _load_tile(dY + b * sdy_b + h * sdy_h, rows, L, sdy_l, sdy_d, dims, HEAD_DIM, BLOCK_D, True)
+    gate = _load_tile(G + b * sg_b + h * sg_h, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
+    d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)  # dO = dY * s
+    lse = tl.load(Lse + pid_bh * L + rows, mask=rows < L, other=0.0) * LOG2E_
+    delta = tl.load(Delta + pid_bh * L + rows, mask=rows < L, other=0.0)
     k_base = K + b * sk_b + kv_h * sk_h
     v_base = V + b * sv_b + kv_h * sv_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    for start_n in tl.range(0, hi, BLOCK_N):
-        keys = start_n + cols
-        key_ok = keys < S
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * sk_s + dims[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :] * sv_d, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        allowed = row_ok[:, None] & key_ok[None, :]
-        if IS_CAUSAL:
-            allowed = allowed & (keys[None, :] <= rows[:, None])
-        p = tl.where(allowed, tl.math.exp2(scores - lse[:, None]), 0.0)
-        dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(dQ + (pid_bh * L + rows[:, None]) * HEAD_DIM + dims[None, :], (dq * scale).to(dQ.dtype.element_ty),
-             mask=q_mask)
+    full_hi, hi = _key_ranges(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _dq_inner(dq, q, d_out, lse, delta, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, 0, full_hi, S,
+                   qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, False)
+    dq = _dq_inner(dq, q, d_out, lse, delta, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, full_hi, hi, S,
+                   qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, True)
+    _store_tile(dQ + pid_bh * L * HEAD_DIM, rows, L, dims, (dq * scale).to(dQ.dtype.element_ty), HEAD_DIM, BLOCK_D)
 
 
 def _bucket(n):

@@ -48,18 +48,19 @@ double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
-// Scaled scores of one group: rows are (query head in group, query position), [G*L, S].
-// Causal masking is top-left aligned like torch's SDPA: query l sees keys s <= l.
-at::Tensor group_scores(const at::Tensor& q_group, const at::Tensor& k_head, double scale, bool is_causal,
-                        int64_t q_len) {
+// Where a group's scores are masked: [G*L, S] rows (query head in group, query position), true
+// where key s > query l. Top-left aligned like torch's SDPA. Undefined when not causal.
+at::Tensor causal_mask(const Shape& s, bool is_causal) {
+  if (!is_causal) return {};
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor query_pos = at::arange(s.q_heads / s.kv_heads * s.q_len, opts).remainder(s.q_len).unsqueeze(1);
+  return at::arange(s.kv_len, opts).unsqueeze(0) > query_pos;
+}
+
+// Scaled scores of one group, [G*L, S].
+at::Tensor group_scores(const at::Tensor& q_group, const at::Tensor& k_head, double scale, const at::Tensor& mask) {
   at::Tensor scores = at::matmul(q_group, k_head.transpose(0, 1)).mul_(scale);
-  if (is_causal) {
-    const int64_t kv_len = k_head.size(0);
-    const auto opts = at::TensorOptions().dtype(at::kLong);
-    const at::Tensor query_pos = at::arange(scores.size(0), opts).remainder(q_len).unsqueeze(1);
-    const at::Tensor key_pos = at::arange(kv_len, opts).unsqueeze(0);
-    scores.masked_fill_(key_pos > query_pos, -std::numeric_limits<double>::infinity());
-  }
+  if (mask.defined()) scores.masked_fill_(mask, -std::numeric_limits<double>::infinity());
   return scores;
 }
 
@@ -81,13 +82,14 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   const at::Tensor gate_sigmoid = at::sigmoid(gate.to(compute)).expand_as(qc);
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(compute));
   at::Tensor lse = at::empty({s.batch, s.q_heads, s.q_len}, q.options().dtype(compute));
+  const at::Tensor mask = causal_mask(s, is_causal);
 
   at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.kv_heads, h = task % s.kv_heads;
       const auto heads = at::indexing::Slice(h * group, (h + 1) * group);
       const at::Tensor q_group = qc[b].index({heads}).reshape({group * s.q_len, s.head_dim});
-      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, is_causal, s.q_len);
+      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, mask);
       const at::Tensor row_lse = at::logsumexp(scores, {1});
       const at::Tensor o = at::matmul(probabilities(scores, row_lse), vc[b][h]);
       out[b].index({heads}).copy_(o.view({group, s.q_len, s.head_dim}) * gate_sigmoid[b].index({heads}));
@@ -122,13 +124,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   // Outputs are contiguous whatever the inputs' strides (empty_like would copy a transposed layout).
   const auto options = q.options().dtype(compute);
   at::Tensor dq = at::empty(q.sizes(), options), dk = at::empty(k.sizes(), options), dv = at::empty(v.sizes(), options);
+  const at::Tensor mask = causal_mask(s, is_causal);
   at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.kv_heads, h = task % s.kv_heads;
       const auto heads = at::indexing::Slice(h * group, (h + 1) * group);
       const int64_t rows = group * s.q_len;
       const at::Tensor q_group = qc[b].index({heads}).reshape({rows, s.head_dim});
-      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, is_causal, s.q_len);
+      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, mask);
       const at::Tensor p = probabilities(scores, lsec[b].index({heads}).reshape({rows}));
       const at::Tensor d_o = d_attn[b].index({heads}).reshape({rows, s.head_dim});
       // Softmax backward: dS = P * (dP - rowsum(dO * O)), dP = dO V^T.

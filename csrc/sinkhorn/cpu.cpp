@@ -52,9 +52,10 @@ at::Tensor sinkhorn_backward_cpu(const at::Tensor& grad, const at::Tensor& logit
     scalar_t* g = grad_logits.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, matrices, 64, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(n * n);
+      std::vector<scalar_t> states(2 * iters * n * n);  // every step's input: O(iters) backward
       for (int64_t b = begin; b < end; ++b) {
-        backward<scalar_t>(src + b * n * n, g + b * n * n, scratch.data(), n, static_cast<int>(iters),
-                           static_cast<scalar_t>(eps));
+        backward<scalar_t>(src + b * n * n, g + b * n * n, scratch.data(), states.data(), n,
+                           static_cast<int>(iters), static_cast<scalar_t>(eps));
       }
     });
   });

@@ -35,7 +35,7 @@ __global__ void backward_kernel(const T* __restrict__ logits, T* __restrict__ gr
     l[i] = logits[base + i];
     g[i] = grad[base + i];
   }
-  backward(l, g, scratch, n, iters, eps);
+  backward(l, g, scratch, static_cast<T*>(nullptr), n, iters, eps);  // recompute: no per-step memory
   for (int i = 0; i < n * n; ++i) grad[base + i] = g[i];
 }
 

@@ -5,8 +5,10 @@
 // (one matrix per loop iteration) and the CUDA kernel (one matrix per thread).
 //
 // Backward of one normalisation, with S = sum x + eps:  dx = (dy - <dy, y>) / S  along the axis.
-// The backward recomputes each step's input from the logits instead of storing the 2*iters
-// intermediate matrices: O(iters^2 n^2) arithmetic, no per-iteration memory.
+// The backward needs each step's input. Given `states` (2*iters*n*n scratch, the CPU's choice) it
+// stores them in one forward pass: O(iters n^2). Without (states = nullptr, the GPU's choice:
+// a thread's registers hold one matrix, not 40) it recomputes each from the logits:
+// O(iters^2 n^2) arithmetic, no per-iteration memory.
 #pragma once
 
 #include "../common/host_device.h"
@@ -59,12 +61,25 @@ MTF_HOST_DEVICE void forward(const T* logits, T* p, int n, int iters, T eps) {
   for (int step = 0; step < 2 * iters; ++step) normalise(p, n, step, eps);
 }
 
-// grad (n*n) holds dL/dP on entry and dL/dlogits on exit; x is n*n scratch.
+// grad (n*n) holds dL/dP on entry and dL/dlogits on exit; x is n*n scratch; states is either
+// nullptr or 2*iters*n*n scratch.
 template <typename T>
-MTF_HOST_DEVICE void backward(const T* logits, T* grad, T* x, int n, int iters, T eps) {
-  for (int step = 2 * iters - 1; step >= 0; --step) {
+MTF_HOST_DEVICE void backward(const T* logits, T* grad, T* x, T* states, int n, int iters, T eps) {
+  const int nn = n * n;
+  if (states != nullptr) {  // states[s] = the input of step s
     exp_shifted(logits, x, n);
-    for (int s = 0; s < step; ++s) normalise(x, n, s, eps);
+    for (int step = 0; step < 2 * iters; ++step) {
+      for (int i = 0; i < nn; ++i) states[step * nn + i] = x[i];
+      normalise(x, n, step, eps);
+    }
+  }
+  for (int step = 2 * iters - 1; step >= 0; --step) {
+    if (states != nullptr) {
+      for (int i = 0; i < nn; ++i) x[i] = states[step * nn + i];
+    } else {
+      exp_shifted(logits, x, n);
+      for (int s = 0; s < step; ++s) normalise(x, n, s, eps);
+    }
     // x is the input of `step`: backpropagate grad through y = x / S along its axis.
     const bool columns = (step % 2) == 0;
     for (int a = 0; a < n; ++a) {

@@ -37,8 +37,12 @@ int main() {
       expect_near(row, 1.0, 1e-6, "row sum", n);
       expect_near(col, 1.0, 1e-4, "column sum", n);
     }
+    // Both backward strategies: stored step inputs (CPU) and recomputation (GPU) agree.
+    std::vector<double> states(2 * iters * n * n), recomputed = upstream;
     grad = upstream;
-    sk::backward(logits.data(), grad.data(), scratch.data(), n, iters, eps);
+    sk::backward(logits.data(), grad.data(), scratch.data(), states.data(), n, iters, eps);
+    sk::backward(logits.data(), recomputed.data(), scratch.data(), static_cast<double*>(nullptr), n, iters, eps);
+    for (int i = 0; i < n * n; ++i) expect_near(recomputed[i], grad[i], 1e-12, "recomputed gradient", n);
     const double h = 1e-6;
     for (int i = 0; i < n * n; ++i) {
       double loss[2];

@@ -32,6 +32,8 @@ EDGE_CASES = [
     (1, 2, 2, 0, 9, 16, True, False, False),  # no queries
     (0, 2, 1, 4, 4, 16, False, False, False),  # empty batch
     (1, 2, 1, 9, 11, 24, False, False, False),  # D not a power of two
+    (1, 2, 1, 64, 64, 32, True, False, False),  # whole blocks: the kernels' unmasked stages
+    (1, 4, 2, 70, 45, 16, True, True, True),  # causal L > S over several blocks, ragged ends
 ]
 CASES = EDGE_CASES + random_cases(14, seed=2026, max_len=48)
 
@@ -128,7 +130,7 @@ def test_float32_matches_reference(backend, case):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES[:4] + CASES[8:14], ids=str)
+@pytest.mark.parametrize("case", CASES[:4] + CASES[8:16], ids=str)
 def test_half_precision_matches_reference(backend, dtype, case):
     device = backend_device(backend)
     q, k, v, gate = make_inputs(case, dtype, device, seed=3)
