@@ -73,20 +73,30 @@ def _store_tile(base, rows, n_rows, dims, value, HEAD_DIM: tl.constexpr, BLOCK_D
 
 
 @triton.jit
+def _key_block(q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, start_n, S, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The key block at start_n: (k, v, base-2 scores [BLOCK_M, BLOCK_N]), scores -inf where masked."""
+    keys = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+    v = _load_tile(v_base, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        allowed = (keys < S)[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (keys[None, :] <= rows[:, None])
+        scores = tl.where(allowed, scores, float("-inf"))
+    return k, v, scores
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, lo, hi, S, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key blocks [lo, hi): FlashAttention-2's running max m_i and sum l_i."""
     for start_n in tl.range(lo, hi, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_base, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, MASKED)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            allowed = (keys < S)[None, :]
-            if IS_CAUSAL:
-                allowed = allowed & (keys[None, :] <= rows[:, None])
-            scores = tl.where(allowed, scores, float("-inf"))
+        k, v, scores = _key_block(q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, start_n, S, qk_scale,
+                                  HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, MASKED)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         if MASKED:
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
@@ -278,16 +288,9 @@ def _dq_inner(dq, q, d_out, lse, delta, k_base, v_base, sk_s, sk_d, sv_s, sv_d, 
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate key blocks [lo, hi) into the query block's dQ (unscaled)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_base, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, MASKED)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(scores - lse[:, None])
-        if MASKED:
-            allowed = (keys < S)[None, :]
-            if IS_CAUSAL:
-                allowed = allowed & (keys[None, :] <= rows[:, None])
-            p = tl.where(allowed, p, 0.0)
+        k, v, scores = _key_block(q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, start_n, S, qk_scale,
+                                  HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, MASKED)
+        p = tl.math.exp2(scores - lse[:, None])  # masked scores are -inf: p = 0 there
         dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -91,28 +91,24 @@ def _acc_dtype(t):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-def sinkhorn_forward(logits, iters=20, eps=1e-6):
+def _launch(kernel, logits, *inputs, iters, eps):
+    """Run `kernel` over every n x n matrix of logits; returns its output (contiguous, logits' dtype)."""
     n = logits.shape[-1]
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     matrices = out.numel() // (n * n) if n else 0
     if matrices == 0:
         return out
     padded, block_b = _launch_config(n)
-    sinkhorn_fwd_kernel[(triton.cdiv(matrices, block_b),)](
-        logits.contiguous(), out, matrices, n, iters, eps, ACC=_acc_dtype(logits), BLOCK_B=block_b, NP=padded
+    kernel[(triton.cdiv(matrices, block_b),)](
+        logits.contiguous(), *(t.contiguous() for t in inputs), out, matrices, n, iters, eps,
+        ACC=_acc_dtype(logits), BLOCK_B=block_b, NP=padded,
     )
     return out
 
 
+def sinkhorn_forward(logits, iters=20, eps=1e-6):
+    return _launch(sinkhorn_fwd_kernel, logits, iters=iters, eps=eps)
+
+
 def sinkhorn_backward(grad, logits, iters=20, eps=1e-6):
-    n = logits.shape[-1]
-    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    matrices = grad_logits.numel() // (n * n) if n else 0
-    if matrices == 0:
-        return grad_logits
-    padded, block_b = _launch_config(n)
-    sinkhorn_bwd_kernel[(triton.cdiv(matrices, block_b),)](
-        logits.contiguous(), grad.contiguous(), grad_logits, matrices, n, iters, eps,
-        ACC=_acc_dtype(logits), BLOCK_B=block_b, NP=padded,
-    )
-    return grad_logits
+    return _launch(sinkhorn_bwd_kernel, logits, grad, iters=iters, eps=eps)

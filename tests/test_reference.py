@@ -4,10 +4,7 @@ import math
 import torch
 
 from musetalk_fast import reference
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+from tests.helpers import seeded as gen
 
 
 def test_lightning_indexer_and_topk():

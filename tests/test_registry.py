@@ -7,6 +7,7 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
+from tests.helpers import seeded as g
 
 SPEC_OPS = ["lightning_indexer", "fp8_quantize", "topk_indices", "lightning_indexer_topk", "sparse_attention",
             "gated_attention", "sinkhorn", "mhc_pre", "mhc_post", "engram_hash", "engram_gather", "engram_lookup"]
@@ -24,10 +25,6 @@ def test_schema_file_defines_every_op_once():
     defined = re.findall(r'm\.def\("(\w+)\(', text)
     assert len(defined) == len(set(defined))
     assert set(SPEC_OPS) <= set(defined)
-
-
-def g(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def spec_calls():
