@@ -1,6 +1,7 @@
 // CPU gated attention: one (batch, kv-head) group per task, the group's Hq/Hkv query heads stacked
-// as rows of one matrix so GQA needs no repeated k/v. Scores are materialised per group (this is
-// the portable path; the GPU path is the Triton flash kernel in kernels/gated_attention.py).
+// as rows of one matrix so GQA needs no repeated k/v. Scores are materialised for kRowChunk rows
+// at a time, so memory stays O(kRowChunk * S) at any context length (the portable path; the GPU
+// path is the Triton flash kernel in kernels/gated_attention.py).
 #include "gated_attention/cpu.h"
 
 #include <ATen/Parallel.h>
@@ -13,6 +14,8 @@
 namespace musetalk_fast {
 namespace gated_attention {
 namespace {
+
+constexpr int64_t kRowChunk = 512;
 
 struct Shape {
   int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim;
@@ -57,10 +60,11 @@ at::Tensor causal_mask(const Shape& s, bool is_causal) {
   return at::arange(s.kv_len, opts).unsqueeze(0) > query_pos;
 }
 
-// Scaled scores of one group, [G*L, S].
-at::Tensor group_scores(const at::Tensor& q_group, const at::Tensor& k_head, double scale, const at::Tensor& mask) {
-  at::Tensor scores = at::matmul(q_group, k_head.transpose(0, 1)).mul_(scale);
-  if (mask.defined()) scores.masked_fill_(mask, -std::numeric_limits<double>::infinity());
+// Scaled scores of the group's rows [r0, r1), [r1 - r0, S].
+at::Tensor chunk_scores(const at::Tensor& q_rows, const at::Tensor& k_head, double scale, const at::Tensor& mask,
+                        at::indexing::Slice chunk) {
+  at::Tensor scores = at::matmul(q_rows, k_head.transpose(0, 1)).mul_(scale);
+  if (mask.defined()) scores.masked_fill_(mask.index({chunk}), -std::numeric_limits<double>::infinity());
   return scores;
 }
 
@@ -88,12 +92,19 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.kv_heads, h = task % s.kv_heads;
       const auto heads = at::indexing::Slice(h * group, (h + 1) * group);
-      const at::Tensor q_group = qc[b].index({heads}).reshape({group * s.q_len, s.head_dim});
-      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, mask);
-      const at::Tensor row_lse = at::logsumexp(scores, {1});
-      const at::Tensor o = at::matmul(probabilities(scores, row_lse), vc[b][h]);
-      out[b].index({heads}).copy_(o.view({group, s.q_len, s.head_dim}) * gate_sigmoid[b].index({heads}));
-      lse[b].index({heads}).copy_(row_lse.view({group, s.q_len}));
+      const int64_t rows = group * s.q_len;
+      const at::Tensor q_group = qc[b].index({heads}).reshape({rows, s.head_dim});
+      const at::Tensor gate_group = gate_sigmoid[b].index({heads}).reshape({rows, s.head_dim});
+      at::Tensor out_group = out[b].index({heads}).view({rows, s.head_dim});
+      at::Tensor lse_group = lse[b].index({heads}).view({rows});
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+        const auto chunk = at::indexing::Slice(r0, std::min(rows, r0 + kRowChunk));
+        const at::Tensor scores = chunk_scores(q_group.index({chunk}), kc[b][h], sm_scale, mask, chunk);
+        const at::Tensor row_lse = at::logsumexp(scores, {1});
+        const at::Tensor o = at::matmul(probabilities(scores, row_lse), vc[b][h]);
+        out_group.index({chunk}).copy_(o * gate_group.index({chunk}));
+        lse_group.index({chunk}).copy_(row_lse);
+      }
     }
   });
   return {out.to(q.scalar_type()), lse};
@@ -131,15 +142,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       const auto heads = at::indexing::Slice(h * group, (h + 1) * group);
       const int64_t rows = group * s.q_len;
       const at::Tensor q_group = qc[b].index({heads}).reshape({rows, s.head_dim});
-      const at::Tensor scores = group_scores(q_group, kc[b][h], sm_scale, mask);
-      const at::Tensor p = probabilities(scores, lsec[b].index({heads}).reshape({rows}));
-      const at::Tensor d_o = d_attn[b].index({heads}).reshape({rows, s.head_dim});
-      // Softmax backward: dS = P * (dP - rowsum(dO * O)), dP = dO V^T.
-      const at::Tensor dp = at::matmul(d_o, vc[b][h].transpose(0, 1));
-      const at::Tensor ds = p * (dp - delta[b].index({heads}).reshape({rows, 1})) * sm_scale;
-      dv[b][h].copy_(at::matmul(p.transpose(0, 1), d_o));
-      dk[b][h].copy_(at::matmul(ds.transpose(0, 1), q_group));
-      dq[b].index({heads}).copy_(at::matmul(ds, kc[b][h]).view({group, s.q_len, s.head_dim}));
+      const at::Tensor d_out_group = d_attn[b].index({heads}).reshape({rows, s.head_dim});
+      const at::Tensor lse_group = lsec[b].index({heads}).reshape({rows});
+      const at::Tensor delta_group = delta[b].index({heads}).reshape({rows, 1});
+      at::Tensor dq_group = dq[b].index({heads}).view({rows, s.head_dim});
+      at::Tensor dk_head = dk[b][h].zero_(), dv_head = dv[b][h].zero_();
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+        const auto chunk = at::indexing::Slice(r0, std::min(rows, r0 + kRowChunk));
+        const at::Tensor q_rows = q_group.index({chunk}), d_o = d_out_group.index({chunk});
+        const at::Tensor p = probabilities(chunk_scores(q_rows, kc[b][h], sm_scale, mask, chunk), lse_group.index({chunk}));
+        // Softmax backward: dS = P * (dP - rowsum(dO * O)), dP = dO V^T.
+        const at::Tensor dp = at::matmul(d_o, vc[b][h].transpose(0, 1));
+        const at::Tensor ds = p * (dp - delta_group.index({chunk})) * sm_scale;
+        dv_head.addmm_(p.transpose(0, 1), d_o);
+        dk_head.addmm_(ds.transpose(0, 1), q_rows);
+        dq_group.index({chunk}).copy_(at::matmul(ds, kc[b][h]));
+      }
     }
   });
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dgate.to(gate.scalar_type()).contiguous()};

@@ -229,3 +229,21 @@ def test_mixed_devices_are_rejected():
     tensors["k"] = tensors["k"].cuda()
     with pytest.raises(ValueError, match="device"):
         musetalk_fast.ops.gated_attention(**tensors)
+
+
+def test_cpu_kernel_over_several_row_chunks():
+    """G * L = 1200 rows: more than one of the CPU kernel's 512-row score chunks."""
+    case = (1, 4, 1, 300, 290, 16, True, False, False)
+    q, k, v, gate = make_inputs(case, torch.float64, "cpu", seed=10)
+    grad = torch.randn(q.shape, generator=seeded(11), dtype=torch.float64)
+    got = run_kernel("cpu", q, k, v, gate, grad, True)
+    exact = reference_outputs(q, k, v, gate, grad, True, torch.float64)
+    for name, g, e in zip(NAMES, got, exact):
+        assert_close_to_reference(g, e, name=name, atol=1e-12, rtol=1e-10)
+
+
+def test_mixed_devices_are_rejected_on_any_machine():
+    tensors = _good()
+    tensors["k"] = tensors["k"].to("meta")
+    with pytest.raises(ValueError, match="k must be on q's device"):
+        musetalk_fast.ops.gated_attention(**tensors)
