@@ -25,21 +25,25 @@ def _interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(blocks, warps, stages):
+# H100 search spaces, (BLOCK_M, BLOCK_N, num_warps, num_stages): the autotuner times them on the
+# first call of each (shape bucket, D, causal). `python -m musetalk_fast.bench.hopper_compile`
+# compiles each for sm_90 and reports registers, spills and shared memory.
+H100_CONFIGS = {
+    "fwd": [(m, n, w, s) for m, n in [(128, 64), (128, 128), (64, 64), (128, 32)] for w in (4, 8) for s in (2, 3, 4)],
+    "dkdv": [(m, n, w, s) for m, n in [(32, 128), (64, 128), (64, 64), (32, 64)] for w in (4, 8) for s in (2, 3)],
+    "dq": [(m, n, w, s) for m, n in [(128, 32), (128, 64), (64, 64), (64, 32)] for w in (4, 8) for s in (2, 3)],
+}
+
+
+def _configs(kind):
     if _interpreted():  # the CPU interpreter: one small config, no tuning
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n in blocks
-        for w in warps
-        for s in stages
-    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in H100_CONFIGS[kind]]
 
 
-# H100 search spaces; the autotuner times them on the first call of each (shape bucket, D, causal).
-FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (128, 32)], [4, 8], [2, 3, 4])
-DKDV_CONFIGS = _configs([(32, 128), (64, 128), (64, 64), (32, 64)], [4, 8], [2, 3])
-DQ_CONFIGS = _configs([(128, 32), (128, 64), (64, 64), (64, 32)], [4, 8], [2, 3])
+FWD_CONFIGS = _configs("fwd")
+DKDV_CONFIGS = _configs("dkdv")
+DQ_CONFIGS = _configs("dq")
 TUNING_KEY = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
 
 

@@ -55,22 +55,23 @@ def sinkhorn_bwd_kernel(logits_ptr, grad_ptr, grad_logits_ptr, matrices, n, iter
                         ACC: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr):
     pid = tl.program_id(0)
     offsets, mask, logits = _load_tile(logits_ptr, pid, matrices, n, BLOCK_B, NP, float("-inf"))
-    _, _, g = _load_tile(grad_ptr, pid, matrices, n, BLOCK_B, NP, 0.0)
+    g = _load_tile(grad_ptr, pid, matrices, n, BLOCK_B, NP, 0.0)[2]
     logits = logits.to(ACC)
     g = g.to(ACC)
     e, max_logit = _shifted_exp(logits)
     for reverse_step in tl.range(0, 2 * iters):
         step = 2 * iters - 1 - reverse_step
         x = e
-        for _ in tl.range(0, step // 2):
+        for _round in tl.range(0, step // 2):
             x = _normalise_rows(_normalise_columns(x, eps), eps)
+        # (Each branch names its own sums: a runtime if may only merge values of one shape.)
         if step % 2 == 1:  # a row normalisation, whose input had one more column normalisation
             x = _normalise_columns(x, eps)
-            s = tl.expand_dims(tl.sum(x, axis=2), 2) + eps
-            g = (g - tl.expand_dims(tl.sum(g * x / s, axis=2), 2)) / s
+            row_sums = tl.expand_dims(tl.sum(x, axis=2), 2) + eps
+            g = (g - tl.expand_dims(tl.sum(g * x / row_sums, axis=2), 2)) / row_sums
         else:
-            s = tl.expand_dims(tl.sum(x, axis=1), 1) + eps
-            g = (g - tl.expand_dims(tl.sum(g * x / s, axis=1), 1)) / s
+            col_sums = tl.expand_dims(tl.sum(x, axis=1), 1) + eps
+            g = (g - tl.expand_dims(tl.sum(g * x / col_sums, axis=1), 1)) / col_sums
         g = tl.where(mask, g, 0.0)  # padding lanes carry no gradient (else the next step divides them by eps)
     # Through exp(L - max L): the max's share of the gradient is split over ties, as torch's amax.
     g = g * e
