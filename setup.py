@@ -72,8 +72,7 @@ setup(
     # torch is not listed: a torch requirement would let pip resolve (and download) one of its own.
     install_requires=["triton>=3.2; platform_system == 'Linux'"],
     extras_require={
-        # numpy 2.4 breaks the Triton 3.6 interpreter (int() of a 1-element array) used by the CPU tests
-        "test": ["pytest>=7", "numpy<2.4"],
+        "test": ["pytest>=7"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["musetalk-fast-bench = musetalk_fast.bench.run:main"]},
