@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install bench cmake test
+.PHONY: install bench cmake test gpu-check
 
 # torch is never left to pip's resolver: an existing torch (e.g. a CUDA build) is kept, and a bare
 # machine gets the pinned CPU wheel. Triton 3.6 matches the GPU machines (and its CPU interpreter
@@ -25,3 +25,10 @@ cmake:
 
 test: install cmake
 	$(PYTHON) -m pytest tests -q
+
+# On a GPU machine with torch, Triton and the test tools already there (e.g. an offline one): build
+# the CUDA extension, run every test on the GPU, then the benchmarks, in one go.
+gpu-check:
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m pytest tests -q -x
+	$(PYTHON) -m musetalk_fast.bench.run

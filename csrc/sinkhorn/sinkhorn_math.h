@@ -4,7 +4,6 @@
 // normalisation y = x / (sum x + eps) along one axis. The same functions run in the CPU kernel
 // (one matrix per loop iteration) and the CUDA kernel (one matrix per thread).
 //
-// Backward of one normalisation, with S = sum x + eps:  dx = (dy - <dy, y>) / S  along the axis.
 // The backward needs each step's input. Given `states` (2*iters*n*n scratch, the CPU's choice) it
 // stores them in one forward pass: O(iters n^2). Without (states = nullptr, the GPU's choice:
 // a thread's registers hold one matrix, not 40) it recomputes each from the logits:
@@ -18,6 +17,14 @@ namespace sinkhorn {
 
 // Largest n the kernels take: each matrix lives in per-thread arrays of kMaxN * kMaxN values.
 constexpr int kMaxN = 16;
+
+// Every function takes the matrix size at run time (n) or at compile time (kN > 0, n ignored).
+// A compile-time size lets the GPU unroll every loop, so a thread's matrix sits in registers
+// instead of local memory (a register array indexed at run time spills to the stack).
+template <int kN>
+MTF_HOST_DEVICE int matrix_size(int n) {
+  return kN > 0 ? kN : n;
+}
 
 template <typename T>
 MTF_HOST_DEVICE T exp_(T x);
@@ -35,79 +42,114 @@ MTF_HOST_DEVICE double exp_<double>(double x) {
 }
 
 // p = exp(logits - max(logits)); returns the max.
-template <typename T>
-MTF_HOST_DEVICE T exp_shifted(const T* logits, T* p, int n) {
+template <typename T, int kN = 0>
+MTF_HOST_DEVICE T exp_shifted(const T* logits, T* p, int n_runtime) {
+  const int n = matrix_size<kN>(n_runtime);
   T max_logit = logits[0];
+  MTF_UNROLL
   for (int i = 1; i < n * n; ++i) max_logit = logits[i] > max_logit ? logits[i] : max_logit;
+  MTF_UNROLL
   for (int i = 0; i < n * n; ++i) p[i] = exp_<T>(logits[i] - max_logit);
   return max_logit;
 }
 
-// Step `step` of the unrolled iteration: even steps normalise columns, odd steps rows.
-template <typename T>
-MTF_HOST_DEVICE void normalise(T* p, int n, int step, T eps) {
-  const bool columns = (step % 2) == 0;
+// Entry (a, b) along an axis: a is the normalised line (a column when kColumns), b the position
+// in it. A compile-time axis keeps every index a constant once the loops unroll.
+template <bool kColumns>
+MTF_HOST_DEVICE int entry(int a, int b, int n) {
+  return kColumns ? b * n + a : a * n + b;
+}
+
+// y = x / (sum x + eps) along every column (kColumns) or row, in place.
+template <typename T, int kN, bool kColumns>
+MTF_HOST_DEVICE void normalise_axis(T* p, int n_runtime, T eps) {
+  const int n = matrix_size<kN>(n_runtime);
+  MTF_UNROLL
   for (int a = 0; a < n; ++a) {
     T sum = eps;
-    for (int b = 0; b < n; ++b) sum += columns ? p[b * n + a] : p[a * n + b];
+    MTF_UNROLL
+    for (int b = 0; b < n; ++b) sum += p[entry<kColumns>(a, b, n)];
     const T inv = T(1) / sum;
-    for (int b = 0; b < n; ++b) (columns ? p[b * n + a] : p[a * n + b]) *= inv;
+    MTF_UNROLL
+    for (int b = 0; b < n; ++b) p[entry<kColumns>(a, b, n)] *= inv;
   }
 }
 
-template <typename T>
+// Step `step` of the unrolled iteration: even steps normalise columns, odd steps rows.
+template <typename T, int kN = 0>
+MTF_HOST_DEVICE void normalise(T* p, int n, int step, T eps) {
+  if (step % 2 == 0) {
+    normalise_axis<T, kN, true>(p, n, eps);
+  } else {
+    normalise_axis<T, kN, false>(p, n, eps);
+  }
+}
+
+// Backward of y = x / S along the axis, S = sum x + eps: dx = (dy - <dy, y>) / S. grad holds dy on
+// entry and dx on exit; x is the step's input.
+template <typename T, int kN, bool kColumns>
+MTF_HOST_DEVICE void backprop_axis(const T* x, T* grad, int n_runtime, T eps) {
+  const int n = matrix_size<kN>(n_runtime);
+  MTF_UNROLL
+  for (int a = 0; a < n; ++a) {
+    T sum = eps;
+    MTF_UNROLL
+    for (int b = 0; b < n; ++b) sum += x[entry<kColumns>(a, b, n)];
+    const T inv = T(1) / sum;
+    T dot = 0;  // <dy, y>
+    MTF_UNROLL
+    for (int b = 0; b < n; ++b) dot += grad[entry<kColumns>(a, b, n)] * x[entry<kColumns>(a, b, n)] * inv;
+    MTF_UNROLL
+    for (int b = 0; b < n; ++b) grad[entry<kColumns>(a, b, n)] = (grad[entry<kColumns>(a, b, n)] - dot) * inv;
+  }
+}
+
+template <typename T, int kN = 0>
 MTF_HOST_DEVICE void forward(const T* logits, T* p, int n, int iters, T eps) {
-  exp_shifted(logits, p, n);
-  for (int step = 0; step < 2 * iters; ++step) normalise(p, n, step, eps);
+  exp_shifted<T, kN>(logits, p, n);
+  for (int step = 0; step < 2 * iters; ++step) normalise<T, kN>(p, n, step, eps);
 }
 
 // grad (n*n) holds dL/dP on entry and dL/dlogits on exit; x is n*n scratch; states is either
 // nullptr or 2*iters*n*n scratch.
-template <typename T>
-MTF_HOST_DEVICE void backward(const T* logits, T* grad, T* x, T* states, int n, int iters, T eps) {
+template <typename T, int kN = 0>
+MTF_HOST_DEVICE void backward(const T* logits, T* grad, T* x, T* states, int n_runtime, int iters, T eps) {
+  const int n = matrix_size<kN>(n_runtime);
   const int nn = n * n;
   if (states != nullptr) {  // states[s] = the input of step s
-    exp_shifted(logits, x, n);
+    exp_shifted<T, kN>(logits, x, n);
     for (int step = 0; step < 2 * iters; ++step) {
       for (int i = 0; i < nn; ++i) states[step * nn + i] = x[i];
-      normalise(x, n, step, eps);
+      normalise<T, kN>(x, n, step, eps);
     }
   }
   for (int step = 2 * iters - 1; step >= 0; --step) {
     if (states != nullptr) {
       for (int i = 0; i < nn; ++i) x[i] = states[step * nn + i];
     } else {
-      exp_shifted(logits, x, n);
-      for (int s = 0; s < step; ++s) normalise(x, n, s, eps);
+      exp_shifted<T, kN>(logits, x, n);
+      for (int s = 0; s < step; ++s) normalise<T, kN>(x, n, s, eps);
     }
-    // x is the input of `step`: backpropagate grad through y = x / S along its axis.
-    const bool columns = (step % 2) == 0;
-    for (int a = 0; a < n; ++a) {
-      T sum = eps;
-      for (int b = 0; b < n; ++b) sum += columns ? x[b * n + a] : x[a * n + b];
-      const T inv = T(1) / sum;
-      T dot = 0;  // <dy, y>
-      for (int b = 0; b < n; ++b) {
-        const int i = columns ? b * n + a : a * n + b;
-        dot += grad[i] * x[i] * inv;
-      }
-      for (int b = 0; b < n; ++b) {
-        const int i = columns ? b * n + a : a * n + b;
-        grad[i] = (grad[i] - dot) * inv;
-      }
+    // x is the input of `step`: backpropagate grad through it.
+    if (step % 2 == 0) {
+      backprop_axis<T, kN, true>(x, grad, n, eps);
+    } else {
+      backprop_axis<T, kN, false>(x, grad, n, eps);
     }
   }
   // Through p = exp(L - max L): dL_i = g_i p_i - [i is a max] * sum_j g_j p_j / (#maxima),
   // the max's share split over ties as torch's amax backward does.
-  const T max_logit = exp_shifted(logits, x, n);
+  const T max_logit = exp_shifted<T, kN>(logits, x, n);
   T total = 0;
   int maxima = 0;
-  for (int i = 0; i < n * n; ++i) {
+  MTF_UNROLL
+  for (int i = 0; i < nn; ++i) {
     grad[i] *= x[i];
     total += grad[i];
     maxima += logits[i] == max_logit;
   }
-  for (int i = 0; i < n * n; ++i) {
+  MTF_UNROLL
+  for (int i = 0; i < nn; ++i) {
     if (logits[i] == max_logit) grad[i] -= total / T(maxima);
   }
 }
