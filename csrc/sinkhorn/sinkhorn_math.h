@@ -60,16 +60,22 @@ MTF_HOST_DEVICE int entry(int a, int b, int n) {
   return kColumns ? b * n + a : a * n + b;
 }
 
+// S = sum x + eps over line a of the axis.
+template <typename T, bool kColumns>
+MTF_HOST_DEVICE T line_sum(const T* x, int a, int n, T eps) {
+  T sum = eps;
+  MTF_UNROLL
+  for (int b = 0; b < n; ++b) sum += x[entry<kColumns>(a, b, n)];
+  return sum;
+}
+
 // y = x / (sum x + eps) along every column (kColumns) or row, in place.
 template <typename T, int kN, bool kColumns>
 MTF_HOST_DEVICE void normalise_axis(T* p, int n_runtime, T eps) {
   const int n = matrix_size<kN>(n_runtime);
   MTF_UNROLL
   for (int a = 0; a < n; ++a) {
-    T sum = eps;
-    MTF_UNROLL
-    for (int b = 0; b < n; ++b) sum += p[entry<kColumns>(a, b, n)];
-    const T inv = T(1) / sum;
+    const T inv = T(1) / line_sum<T, kColumns>(p, a, n, eps);
     MTF_UNROLL
     for (int b = 0; b < n; ++b) p[entry<kColumns>(a, b, n)] *= inv;
   }
@@ -92,10 +98,7 @@ MTF_HOST_DEVICE void backprop_axis(const T* x, T* grad, int n_runtime, T eps) {
   const int n = matrix_size<kN>(n_runtime);
   MTF_UNROLL
   for (int a = 0; a < n; ++a) {
-    T sum = eps;
-    MTF_UNROLL
-    for (int b = 0; b < n; ++b) sum += x[entry<kColumns>(a, b, n)];
-    const T inv = T(1) / sum;
+    const T inv = T(1) / line_sum<T, kColumns>(x, a, n, eps);
     T dot = 0;  // <dy, y>
     MTF_UNROLL
     for (int b = 0; b < n; ++b) dot += grad[entry<kColumns>(a, b, n)] * x[entry<kColumns>(a, b, n)] * inv;
