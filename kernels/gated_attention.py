@@ -144,7 +144,7 @@ def gated_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
     kv_h = h // GROUP
@@ -185,7 +185,7 @@ def gated_attention_bwd_preprocess_kernel(
 ):
     """delta = rowsum(dY * Y); dgate = dY * Y * (1 - sigmoid(gate)), summed over D if head-wise."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -250,7 +250,7 @@ def gated_attention_bwd_dkdv_kernel(
 ):
     """dV = sum P^T dO and dK = scale * sum dS^T Q over the group's query heads, per key block."""
     pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    pid_bkv = tl.program_id(1).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     b = pid_bkv // H_KV
     kv_h = pid_bkv % H_KV
     start_n = pid_n * BLOCK_N
@@ -320,7 +320,7 @@ def gated_attention_bwd_dq_kernel(
 ):
     """dQ = scale * sum dS K per query block, dS = P * (dO V^T - delta)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     b = pid_bh // H
     h = pid_bh % H
     kv_h = h // GROUP
