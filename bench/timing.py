@@ -2,8 +2,6 @@
 import statistics
 import time
 
-import torch
-
 
 def measure(fn, device, min_seconds=0.25):
     """Median and 20/80% quantiles of one call, in milliseconds."""
@@ -21,8 +19,3 @@ def measure(fn, device, min_seconds=0.25):
         samples.append((time.perf_counter() - t0) * 1e3)
     quantiles = statistics.quantiles(samples, n=10)
     return {"median_ms": statistics.median(samples), "p20_ms": quantiles[1], "p80_ms": quantiles[7]}
-
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()

@@ -122,7 +122,7 @@ def gated_attention_with_lse(q, k, v, gate, is_causal=False, scale=None):
         allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.softmax(scores, dim=-1) @ v if scores.shape[-1] > 0 else torch.zeros_like(q, dtype=dtype)
+    out = torch.softmax(scores, dim=-1) @ v  # no key (S = 0): an empty sum, out = 0
     return (out * torch.sigmoid(gate.to(dtype))).to(q.dtype), lse
 
 

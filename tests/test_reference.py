@@ -51,7 +51,7 @@ def test_fp8_quantize_round_trip():
 
 
 def test_sparse_attention():
-    T, Hq, Hkv, D, Dv, S, K = 3, 4, 2, 8, 6, 5, 4
+    T, Hq, Hkv, D, Dv, S = 3, 4, 2, 8, 6, 5
     q, k, v = torch.randn(T, Hq, D, generator=gen(5)), torch.randn(S, Hkv, D, generator=gen(6)), torch.randn(
         S, Hkv, Dv, generator=gen(7))
     indices = torch.tensor([[[0, 4, -1, 2], [1, 1, 9, 3]], [[-1, -1, -1, -1], [0, 1, 2, 3]],

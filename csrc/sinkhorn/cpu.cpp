@@ -11,6 +11,8 @@
 namespace musetalk_fast {
 namespace sinkhorn {
 
+namespace {
+
 void check_args(const at::Tensor& logits, int64_t iters, double eps) {
   check_float(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() >= 2 && logits.size(-1) == logits.size(-2),
@@ -20,16 +22,33 @@ void check_args(const at::Tensor& logits, int64_t iters, double eps) {
   TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
 }
 
-at::Tensor sinkhorn_cpu(const at::Tensor& logits, int64_t iters, double eps) {
+}  // namespace
+
+Matrices prepare_forward(const at::Tensor& logits, int64_t iters, double eps) {
   check_args(logits, iters, eps);
   const int n = static_cast<int>(logits.size(-1));
-  const at::Tensor x = logits.to(compute_dtype(logits)).contiguous();
-  at::Tensor out = at::empty_like(x);
-  const int64_t matrices = n == 0 ? 0 : x.numel() / (n * n);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_cpu", [&] {
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
+  at::Tensor x = logits.to(compute_dtype(logits)).contiguous();
+  const int64_t count = n == 0 ? 0 : x.numel() / (n * n);
+  return {x, {}, n, count};
+}
+
+Matrices prepare_backward(const at::Tensor& grad, const at::Tensor& logits, int64_t iters, double eps) {
+  Matrices m = prepare_forward(logits, iters, eps);
+  check_float(grad, "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == logits.sizes(), "grad must have the shape of logits ", logits.sizes(),
+                    ", got ", grad.sizes());
+  m.grad = at::empty(logits.sizes(), m.logits.options()).copy_(grad);  // one copy: converted, contiguous
+  return m;
+}
+
+at::Tensor sinkhorn_cpu(const at::Tensor& logits, int64_t iters, double eps) {
+  const Matrices m = prepare_forward(logits, iters, eps);
+  at::Tensor out = at::empty_like(m.logits);
+  const int n = m.n;
+  AT_DISPATCH_FLOATING_TYPES(m.logits.scalar_type(), "sinkhorn_cpu", [&] {
+    const scalar_t* src = m.logits.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, matrices, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m.count, 256, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         forward<scalar_t>(src + b * n * n, dst + b * n * n, n, static_cast<int>(iters), static_cast<scalar_t>(eps));
       }
@@ -39,18 +58,12 @@ at::Tensor sinkhorn_cpu(const at::Tensor& logits, int64_t iters, double eps) {
 }
 
 at::Tensor sinkhorn_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, int64_t iters, double eps) {
-  check_args(logits, iters, eps);
-  check_float(grad, "grad");
-  TORCH_CHECK_VALUE(grad.sizes() == logits.sizes(), "grad must have the shape of logits ", logits.sizes(),
-                    ", got ", grad.sizes());
-  const int n = static_cast<int>(logits.size(-1));
-  const at::Tensor x = logits.to(compute_dtype(logits)).contiguous();
-  at::Tensor grad_logits = grad.to(x.scalar_type()).contiguous().clone();
-  const int64_t matrices = n == 0 ? 0 : x.numel() / (n * n);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_backward_cpu", [&] {
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
-    scalar_t* g = grad_logits.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, matrices, 64, [&](int64_t begin, int64_t end) {
+  const Matrices m = prepare_backward(grad, logits, iters, eps);
+  const int n = m.n;
+  AT_DISPATCH_FLOATING_TYPES(m.logits.scalar_type(), "sinkhorn_backward_cpu", [&] {
+    const scalar_t* src = m.logits.const_data_ptr<scalar_t>();
+    scalar_t* g = m.grad.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, m.count, 64, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(n * n);
       std::vector<scalar_t> states(2 * iters * n * n);  // every step's input: O(iters) backward
       for (int64_t b = begin; b < end; ++b) {
@@ -59,7 +72,7 @@ at::Tensor sinkhorn_backward_cpu(const at::Tensor& grad, const at::Tensor& logit
       }
     });
   });
-  return grad_logits.to(logits.scalar_type());
+  return m.grad.to(logits.scalar_type());
 }
 
 }  // namespace sinkhorn

@@ -4,7 +4,6 @@ As in Qwen3-Next, the gate is packed into q_proj: for each head, q_proj emits th
 gate logits side by side, so one matmul gives both. The attention runs on [B, L, H, D] views
 transposed to [B, H, L, D] without copies.
 """
-import torch
 from torch import nn
 
 from ..ops.gated_attention import gated_attention

@@ -7,7 +7,7 @@ kernels of kernels/gated_attention.py.
 import torch
 
 from .checks import check_float, check_rank, check_same, check_triton_dtype
-from .library import LIB, op, qualname, register_cuda
+from .library import op, qualname, register_composite, register_cuda
 
 
 def check_args(q, k, v, gate):
@@ -80,7 +80,7 @@ def _composite(q, k, v, gate, is_causal=False, scale=None):
     return op("gated_attention_forward")(q, k, v, gate, is_causal, scale)[0]
 
 
-LIB.impl("gated_attention", _composite, "CompositeImplicitAutograd")
+register_composite("gated_attention", _composite)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,6 +1,4 @@
 """Where Python registers into the `musetalk_fast` library the C++ extension defined."""
-import os
-
 import torch
 
 NAMESPACE = "musetalk_fast"
@@ -20,14 +18,7 @@ def register_cuda(name, fn):
     LIB.impl(name, fn, "CUDA")
 
 
-def register_reference(name, fn):
-    """Route `name` through its pure-PyTorch reference on every device, autograd included.
-
-    For ops whose kernels are not written yet: the op works everywhere, and torch.compile traces
-    through the reference's torch ops.
-    """
+def register_composite(name, fn):
+    """Implement `name` on every device by `fn`, a composition of other ops: autograd flows through
+    those ops and torch.compile traces into them (CompositeImplicitAutograd)."""
     LIB.impl(name, fn, "CompositeImplicitAutograd")
-
-
-def triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"

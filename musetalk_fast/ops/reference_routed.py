@@ -3,7 +3,7 @@
 Each moves to its own module (ops/<family>.py) when its kernels land.
 """
 from .. import reference
-from .library import op, register_reference
+from .library import op, register_composite
 
 REFERENCE_ROUTED = {
     "lightning_indexer": reference.lightning_indexer,
@@ -19,7 +19,7 @@ REFERENCE_ROUTED = {
 }
 
 for _name, _fn in REFERENCE_ROUTED.items():
-    register_reference(_name, _fn)
+    register_composite(_name, _fn)
 
 
 def lightning_indexer(q, k, k_scale, weights, ks, ke):

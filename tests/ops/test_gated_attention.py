@@ -65,8 +65,7 @@ def run_kernel(backend, q, k, v, gate, grad, is_causal):
         return (out, *gated_attention_backward(grad, q, k, v, gate, out, lse, is_causal))
     inputs = [t.detach().requires_grad_() for t in (q, k, v, gate)]
     out = musetalk_fast.ops.gated_attention(*inputs, is_causal=is_causal)
-    grads = torch.autograd.grad(out, inputs, grad) if out.numel() else [torch.zeros_like(t) for t in inputs]
-    return (out, *grads)
+    return (out, *torch.autograd.grad(out, inputs, grad))
 
 
 def reference_outputs(q, k, v, gate, grad, is_causal, dtype):
@@ -76,9 +75,7 @@ def reference_outputs(q, k, v, gate, grad, is_causal, dtype):
         out = attention_at_dtype(*inputs, is_causal)
     else:
         out = reference.gated_attention(*inputs, is_causal=is_causal)
-    grads = torch.autograd.grad(out, inputs, grad.cpu().to(dtype), allow_unused=True) if out.numel() else None
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads or [None] * 4, inputs)]
-    return (out, *grads)
+    return (out, *torch.autograd.grad(out, inputs, grad.cpu().to(dtype)))
 
 
 def attention_at_dtype(q, k, v, gate, is_causal):
