@@ -122,7 +122,8 @@ def main(argv=None):
               f"{'yes' if usage['wgmma'] else 'no':>7}{'' if fits else '  TOO MUCH SHARED MEMORY'}")
         rows.append({"kernel": label, **usage})
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        command = "python -m musetalk_fast.bench.hopper_compile " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.json).write_text(json.dumps({"command": command, "target": "cuda sm_90", "rows": rows}, indent=1))
     sys.exit(1 if failures else 0)
 
 

@@ -10,11 +10,14 @@ from musetalk_fast.kernels.gated_attention import flops
 from ..case import Case
 
 GPU_SHAPES = [(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (8, 16, 2048, 64, True)]
-CPU_SHAPES = [(1, 4, 256, 64, False), (1, 4, 256, 64, True)]
+CPU_SHAPES = [(1, 4, 256, 64, False), (1, 4, 256, 64, True), (1, 8, 1024, 64, True)]
 
 
-def _sdpa_gated(backend):
+def _sdpa_gated(backend=None):
+    """SDPA on `backend` (None: torch's own choice, its fused flash kernel on a CPU) + the gate."""
     def run(q, k, v, gate, is_causal):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal) * torch.sigmoid(gate)
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal) * torch.sigmoid(gate)
 
@@ -59,7 +62,7 @@ def cases(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gated = {"cuDNN SDPA + gate": _sdpa_gated(SDPBackend.CUDNN_ATTENTION),
              "FA2 SDPA + gate": _sdpa_gated(SDPBackend.FLASH_ATTENTION)} if device == "cuda" else {
-        "SDPA (math) + gate": _sdpa_gated(SDPBackend.MATH)}
+        "SDPA (torch default) + gate": _sdpa_gated(), "SDPA (math) + gate": _sdpa_gated(SDPBackend.MATH)}
     if device == "cuda" and _flash_attn_gated() is not None:
         gated["flash-attn + gate"] = _flash_attn_gated()
     out = []

@@ -1,8 +1,8 @@
 """sinkhorn: doubly-stochastic projection of [..., n, n] logits (SPEC 5).
 
 CPU: csrc/sinkhorn/cpu.cpp. CUDA: the Triton kernels of kernels/sinkhorn.py (a CUDA C++ candidate,
-sinkhorn_cudacpp, is built beside it for the benchmark). Backward: a kernel that recomputes the
-iterations on-chip.
+sinkhorn_cudacpp, is built beside it for the benchmark). Backward: a kernel, which on the GPU
+recomputes the iterations on-chip and on the CPU stores each step's input.
 """
 import torch
 
