@@ -2,7 +2,7 @@
 the compiler made of it: registers, spills (local memory), shared memory, and whether the matmuls
 use Hopper's wgmma. Catches GPU compile errors and spilling configs before a GPU run.
 
-    python -m musetalk_fast.bench.hopper_compile            # every autotune config, as a table
+    python -m musetalk_fast.bench.hopper_compile            # every config, as a table
     python -m musetalk_fast.bench.hopper_compile --quick    # one config per kernel (the CI check)
     python -m musetalk_fast.bench.hopper_compile --json out.json
 
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
-FLOAT_ARGS = {"qk_scale", "scale", "eps"}
+FLOAT_ARGS = {"qk_scale", "scale", "eps"}  # fp32 scalars; the rest of the non-pointer args are i32
 
 
 def compile_sm90(jit_fn, pointer_types, constexprs, num_warps, num_stages):
@@ -59,42 +59,72 @@ def _resource_usage(cubin):
             "spill_bytes": int(local.group(1)) if local else None}
 
 
+TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
+
+
+def _attention_pointers(dtype):
+    data, stats = TRITON_TYPES[dtype], "*fp64" if dtype == "fp64" else "*fp32"
+    pointers = {name: data for name in ("Q", "K", "V", "G", "dY", "Out", "dQ", "dK", "dV", "Y", "dG")}
+    return {**pointers, "Lse": stats, "Delta": stats}
+
+
+def _attention_spec(kind, configs, match, config):
+    """One attention kernel compiled with `config` for the key `match`."""
+    import triton.language as tl
+
+    from musetalk_fast.kernels import gated_attention as ga
+
+    kernel = {"fwd": ga.gated_attention_fwd_kernel, "dkdv": ga.gated_attention_bwd_dkdv_kernel,
+              "dq": ga.gated_attention_bwd_dq_kernel, "bwd_preprocess": ga.gated_attention_bwd_preprocess_kernel}[kind]
+    exact = match["dtype"] == "fp64"
+    constexprs = {"HEAD_DIM": match["D"], "BLOCK_D": match["D"], "ACC": tl.float64 if exact else tl.float32}
+    if kind == "bwd_preprocess":
+        constexprs.update(HEAD_WISE_GATE=match.get("causal", False), BLOCK_M=config["BLOCK_M"])
+    else:
+        constexprs.update(IS_CAUSAL=match["causal"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                          DOT_PRECISION="tf32" if match["dtype"] in ("bf16", "fp16") else "ieee")
+    if kind == "fwd":
+        constexprs["HAS_GATE"] = True
+    blocks = " ".join(f"{k[6]}{v}" for k, v in config.items() if k.startswith("BLOCK_"))
+    label = f"gated_attention {kind} {match['dtype']} D{match['D']} {'causal' if match.get('causal') else 'full'} " \
+            f"{blocks} w{config['num_warps']} s{config.get('num_stages', 1)}"
+    return label, kernel, _attention_pointers(match["dtype"]), constexprs, config["num_warps"], config.get("num_stages", 1)
+
+
 def kernel_specs(quick):
-    """(label, jit fn, pointer types, constexprs, num_warps, num_stages) for every kernel and config."""
+    """Every search-space config of every kernel at bf16 D64/D128 (the first config of each with
+    --quick), then each kernel's heuristic config, fitted to the H100's shared memory, at every
+    dtype and head dim it accepts (what runs where no tuned table entry matches)."""
     import triton.language as tl
 
     from musetalk_fast.kernels import gated_attention as ga
     from musetalk_fast.kernels import sinkhorn as sk
 
-    bf16, fp32 = "*bf16", "*fp32"
-    attention_ptrs = {"Q": bf16, "K": bf16, "V": bf16, "G": bf16, "dY": bf16, "Out": bf16, "dQ": bf16, "dK": bf16,
-                      "dV": bf16, "Lse": fp32, "Delta": fp32}
+    attention = {"fwd": ga.FWD, "dkdv": ga.DKDV, "dq": ga.DQ, "bwd_preprocess": ga.PREPROCESS}
     specs = []
     for head_dim in (64, 128):
         for is_causal in (False, True):
-            base = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_CAUSAL": is_causal, "DOT_PRECISION": "tf32"}
-            for kind, kernel in (("fwd", ga.gated_attention_fwd_kernel), ("dkdv", ga.gated_attention_bwd_dkdv_kernel),
-                                 ("dq", ga.gated_attention_bwd_dq_kernel)):
-                configs = ga.H100_CONFIGS[kind][:1] if quick else ga.H100_CONFIGS[kind]
-                for block_m, block_n, warps, stages in configs:
-                    constexprs = {**base, "BLOCK_M": block_m, "BLOCK_N": block_n}
-                    if kind == "fwd":
-                        constexprs["HAS_GATE"] = True
-                    label = f"gated_attention {kind} D{head_dim} {'causal' if is_causal else 'full'} " \
-                            f"M{block_m} N{block_n} w{warps} s{stages}"
-                    specs.append((label, kernel.fn, attention_ptrs, constexprs, warps, stages))
-            specs.append((f"gated_attention bwd_preprocess D{head_dim}", ga.gated_attention_bwd_preprocess_kernel,
-                          {"dY": bf16, "Y": bf16, "G": bf16, "Delta": fp32, "dG": bf16},
-                          {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HEAD_WISE_GATE": is_causal, "BLOCK_M": 64},
-                          4, 1))
+            match = {"dtype": "bf16", "D": head_dim, "causal": is_causal}
+            for kind, configs in attention.items():
+                for config in configs.space[:1] if quick else configs.space:
+                    specs.append(_attention_spec(kind, configs, match, config))
             if quick:
                 break
-    padded, block_b = sk._launch_config(4)
-    sinkhorn_consts = {"ACC": tl.float32, "BLOCK_B": block_b, "NP": padded}
-    specs.append(("sinkhorn fwd n=4", sk.sinkhorn_fwd_kernel, {"logits_ptr": fp32, "out_ptr": fp32},
-                  sinkhorn_consts, 4, 1))
-    specs.append(("sinkhorn bwd n=4", sk.sinkhorn_bwd_kernel,
-                  {"logits_ptr": fp32, "grad_ptr": fp32, "grad_logits_ptr": fp32}, sinkhorn_consts, 4, 1))
+    for dtype in ("bf16", "fp16", "fp32", "fp64"):
+        for head_dim in (128,) if quick else (16, 32, 64, 128, 256):  # D128: the most shared memory
+            for is_causal in (False,) if quick else (False, True):
+                match = {"dtype": dtype, "D": head_dim, "causal": is_causal}
+                for kind, configs in attention.items():
+                    specs.append(_attention_spec(kind, configs, match, configs.heuristic_config(match, H100_SHARED_BYTES)))
+    for dtype, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
+        match = {"dtype": dtype, "n": 4}
+        for name, configs, kernel, pointers in (
+                ("fwd", sk.FWD, sk.sinkhorn_fwd_kernel, ("logits_ptr", "out_ptr")),
+                ("bwd", sk.BWD, sk.sinkhorn_bwd_kernel, ("logits_ptr", "grad_ptr", "grad_logits_ptr"))):
+            config = configs.heuristic_config(match)
+            specs.append((f"sinkhorn {name} {dtype} n=4 B{config['BLOCK_B']} w{config['num_warps']}", kernel,
+                          {p: TRITON_TYPES[dtype] for p in pointers},
+                          {"ACC": acc, "BLOCK_B": config["BLOCK_B"], "NP": 4}, config["num_warps"], 1))
     return specs
 
 
@@ -107,18 +137,18 @@ def main(argv=None):
         sys.exit("hopper_compile: unset TRITON_INTERPRET (the interpreter does not compile kernels)")
 
     rows, failures = [], 0
-    print(f"{'kernel':<58}{'regs':>6}{'spill B':>9}{'smem KB':>9}{'wgmma':>7}")
+    print(f"{'kernel':<66}{'regs':>6}{'spill B':>9}{'smem KB':>9}{'wgmma':>7}")
     for label, fn, pointers, constexprs, warps, stages in kernel_specs(args.quick):
         try:
             usage = compile_sm90(fn, pointers, constexprs, warps, stages)
         except Exception as error:  # report every failing kernel, then fail
             failures += 1
-            print(f"{label:<58}  FAILED: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            print(f"{label:<66}  FAILED: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
             rows.append({"kernel": label, "error": str(error)})
             continue
         fits = usage["shared_bytes"] <= H100_SHARED_BYTES
         failures += not fits
-        print(f"{label:<58}{usage['registers']:>6}{usage['spill_bytes']:>9}{usage['shared_bytes'] / 1024:>9.1f}"
+        print(f"{label:<66}{usage['registers']:>6}{usage['spill_bytes']:>9}{usage['shared_bytes'] / 1024:>9.1f}"
               f"{'yes' if usage['wgmma'] else 'no':>7}{'' if fits else '  TOO MUCH SHARED MEMORY'}")
         rows.append({"kernel": label, **usage})
     if args.json:

@@ -1,4 +1,4 @@
-// The one TORCH_LIBRARY block: every schema of shared/SPEC.md, defined once.
+// The one TORCH_LIBRARY block: every schema of docs/ops.md, defined once.
 //
 // CPU kernels register below with TORCH_LIBRARY_IMPL; CUDA kernels written in CUDA C++ register
 // from their cuda_glue.cpp, Triton kernels, fake (meta) impls and autograd from musetalk_fast/ops/.
@@ -20,7 +20,7 @@ TORCH_LIBRARY(musetalk_fast, m) {
   // 3. Top-k sparse attention
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float? sm_scale=None) -> (Tensor, Tensor)");
   // 4. Sigmoid-gated SDPA. The public op is composite over forward/backward ops that carry the
-  //    row log-sum-exp, the one extra tensor the backward needs (SPEC 4).
+  //    row log-sum-exp, the one extra tensor the backward needs (docs/ops.md §4).
   m.def("gated_attention(Tensor q, Tensor k, Tensor v, Tensor gate, bool is_causal=False, float? scale=None) -> Tensor");
   m.def("gated_attention_forward(Tensor q, Tensor k, Tensor v, Tensor gate, bool is_causal, float? scale) -> (Tensor out, Tensor lse)");
   m.def("gated_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor gate, Tensor out, Tensor lse, bool is_causal, float? scale) -> (Tensor, Tensor, Tensor, Tensor)");

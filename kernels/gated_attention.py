@@ -2,7 +2,7 @@
 
 Forward: FlashAttention-2 online softmax over key blocks; the epilogue multiplies the normalised
 output by sigmoid(gate) before its one store, and saves the row log-sum-exp.
-Backward (SPEC 4): with Y = O * s, s = sigmoid(gate), no pre-gate O is needed:
+Backward (docs/ops.md §4): with Y = O * s, s = sigmoid(gate), no pre-gate O is needed:
     dO = dY * s,   rowsum(dO * O) = rowsum(dY * Y),   dgate = dY * Y * (1 - s).
 A small pass computes delta = rowsum(dY * Y) and dgate; then one kernel accumulates dK, dV per
 key block (looping over the Hq/Hkv query heads of its KV head, so GQA needs no atomics) and one
@@ -11,43 +11,70 @@ accumulates dQ per query block, both recomputing P = exp(S - lse) and dO on the 
 Layouts: any strides (the [B, L, H, D].transpose(1, 2) view runs without a copy); a head-wise
 gate [B, H, L, 1] is read through a stride-0 expand. Causal masking is top-left (key s <= query l).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .tuning import KernelConfigs, split_options
 
 LOG2E = 1.4426950408889634
 LOG2E_ = tl.constexpr(LOG2E)  # the same constant inside kernels
 
 
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _attention_space(shapes, warps, stages):
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n in shapes for w in warps for st in stages]
 
 
-# H100 search spaces, (BLOCK_M, BLOCK_N, num_warps, num_stages): the autotuner times them on the
-# first call of each (shape bucket, D, causal). `python -m musetalk_fast.bench.hopper_compile`
-# compiles each for sm_90 and reports registers, spills and shared memory.
-H100_CONFIGS = {
-    "fwd": [(m, n, w, s) for m, n in [(128, 64), (128, 128), (64, 64), (128, 32)] for w in (4, 8) for s in (2, 3, 4)],
-    "dkdv": [(m, n, w, s) for m, n in [(32, 128), (64, 128), (64, 64), (32, 64)] for w in (4, 8) for s in (2, 3)],
-    "dq": [(m, n, w, s) for m, n in [(128, 32), (128, 64), (64, 64), (64, 32)] for w in (4, 8) for s in (2, 3)],
-}
+def _element_bytes(match):
+    return {"fp64": 8, "fp32": 4}.get(match["dtype"], 2)
 
 
-def _configs(kind):
-    if _interpreted():  # the CPU interpreter: one small config, no tuning
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    # MUSETALK_FAST_AUTOTUNE=0: the first config only, no tuning (the test suite's choice: it runs
-    # many shapes, and each new shape bucket would otherwise time every config).
-    search = H100_CONFIGS[kind] if os.environ.get("MUSETALK_FAST_AUTOTUNE", "1") != "0" else H100_CONFIGS[kind][:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in search]
+def _attention_heuristic(fast_config):
+    """fast_config(match) for 2-byte dtypes; float64 (the exact path, FMA not tensor cores) takes small
+    tiles. KernelConfigs shrinks either to the GPU's shared memory."""
+    def heuristic(match):
+        if match["dtype"] == "fp64":
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return fast_config(match)
+
+    return heuristic
 
 
-FWD_CONFIGS = _configs("fwd")
-DKDV_CONFIGS = _configs("dkdv")
-DQ_CONFIGS = _configs("dq")
-TUNING_KEY = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
+def _smallest(match):
+    return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+
+
+# Search spaces the tuner times (bench/tune.py), heuristics for keys no table has, and shared-memory
+# estimates: tiles resident for the whole loop plus `num_stages` copies of the pipelined ones.
+# The heuristics' 2-byte configs are the H100's autotuned winners at B4 H16 L4096 D128 bf16.
+FWD = KernelConfigs(
+    "gated_attention_fwd",
+    space=_attention_space([(128, 64), (128, 128), (64, 64), (128, 32)], (4, 8), (2, 3, 4)),
+    heuristic=_attention_heuristic(lambda match: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+                                   if match["causal"] else dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+    smallest=_smallest,
+    shared=lambda c, match: (c["BLOCK_M"] + 2 * c["num_stages"] * c["BLOCK_N"]) * match["D"] * _element_bytes(match),
+)
+DKDV = KernelConfigs(
+    "gated_attention_bwd_dkdv",
+    space=_attention_space([(32, 128), (64, 128), (64, 64), (32, 64)], (4, 8), (2, 3)),
+    heuristic=_attention_heuristic(lambda match: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3)),
+    smallest=_smallest,
+    shared=lambda c, match: (2 * c["BLOCK_N"] + 3 * c["num_stages"] * c["BLOCK_M"]) * match["D"] * _element_bytes(match),
+)
+DQ = KernelConfigs(
+    "gated_attention_bwd_dq",
+    space=_attention_space([(128, 32), (128, 64), (64, 64), (64, 32)], (4, 8), (2, 3)),
+    heuristic=_attention_heuristic(lambda match: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+    smallest=_smallest,
+    shared=lambda c, match: (3 * c["BLOCK_M"] + 2 * c["num_stages"] * c["BLOCK_N"]) * match["D"] * _element_bytes(match),
+)
+PREPROCESS = KernelConfigs(
+    "gated_attention_bwd_preprocess",
+    space=[dict(BLOCK_M=m, num_warps=w) for m in (32, 64, 128) for w in (4, 8)],
+    heuristic=lambda match: dict(BLOCK_M=64, num_warps=4),
+    smallest=lambda match: dict(BLOCK_M=16, num_warps=4),
+)
 
 
 @triton.jit
@@ -130,7 +157,6 @@ def _key_ranges(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAU
     return full_hi, hi
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNING_KEY)
 @triton.jit
 def gated_attention_fwd_kernel(
     Q, K, V, G, Out, Lse,
@@ -139,9 +165,8 @@ def gated_attention_fwd_kernel(
     sv_b, sv_h, sv_s, sv_d,
     sg_b, sg_h, sg_l, sg_d,
     H, L, S, GROUP, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
-    L_BUCKET, S_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_GATE: tl.constexpr = True,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, HAS_GATE: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
@@ -155,9 +180,9 @@ def gated_attention_fwd_kernel(
     k_base = K + b * sk_b + kv_h * sk_h
     v_base = V + b * sv_b + kv_h * sv_h
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     full_hi, hi = _key_ranges(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, 0, full_hi,
                                S, qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, False)
@@ -169,7 +194,7 @@ def gated_attention_fwd_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if HAS_GATE:
         gate = _load_tile(G + b * sg_b + h * sg_h, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
-        out = out * tl.sigmoid(gate.to(tl.float32))
+        out = out * tl.sigmoid(gate.to(ACC))
     _store_tile(Out + pid_bh * L * HEAD_DIM, rows, L, dims, out.to(Out.dtype.element_ty), HEAD_DIM, BLOCK_D)
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / LOG2E_, float("-inf"))
     tl.store(Lse + pid_bh * L + rows, lse, mask=rows < L)
@@ -182,6 +207,7 @@ def gated_attention_bwd_preprocess_kernel(
     sg_b, sg_h, sg_l, sg_d,
     H, L,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_WISE_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """delta = rowsum(dY * Y); dgate = dY * Y * (1 - sigmoid(gate)), summed over D if head-wise."""
     pid_m = tl.program_id(0)
@@ -193,9 +219,9 @@ def gated_attention_bwd_preprocess_kernel(
     dy = _load_tile(dY + b * sdy_b + h * sdy_h, rows, L, sdy_l, sdy_d, dims, HEAD_DIM, BLOCK_D, True)
     y = _load_tile(Y + pid_bh * L * HEAD_DIM, rows, L, HEAD_DIM, 1, dims, HEAD_DIM, BLOCK_D, True)
     gate = _load_tile(G + b * sg_b + h * sg_h, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
-    dy_y = dy.to(tl.float32) * y.to(tl.float32)
+    dy_y = dy.to(ACC) * y.to(ACC)
     tl.store(Delta + pid_bh * L + rows, tl.sum(dy_y, axis=1), mask=rows < L)
-    dgate = dy_y * (1.0 - tl.sigmoid(gate.to(tl.float32)))
+    dgate = dy_y * (1.0 - tl.sigmoid(gate.to(ACC)))
     if HEAD_WISE_GATE:
         tl.store(dG + pid_bh * L + rows, tl.sum(dgate, axis=1).to(dG.dtype.element_ty), mask=rows < L)
     else:
@@ -206,14 +232,14 @@ def gated_attention_bwd_preprocess_kernel(
 def _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, lse_base, delta_base,
                 sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, lo, hi, L, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr):
     """Accumulate one query head's query blocks [lo, hi) into the key block's dK, dV."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, rows, L, sq_l, sq_d, dims, HEAD_DIM, BLOCK_D, MASKED)
         dy = _load_tile(dy_base, rows, L, sdy_l, sdy_d, dims, HEAD_DIM, BLOCK_D, MASKED)
         gate = _load_tile(g_base, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, MASKED)
-        d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)  # dO = dY * s
+        d_out = (dy.to(ACC) * tl.sigmoid(gate.to(ACC))).to(q.dtype)  # dO = dY * s
         if MASKED:
             lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
             delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
@@ -234,7 +260,6 @@ def _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, lse_base, delta_bas
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNING_KEY)
 @triton.jit
 def gated_attention_bwd_dkdv_kernel(
     Q, K, V, G, dY, Lse, Delta, dK, dV,
@@ -244,9 +269,8 @@ def gated_attention_bwd_dkdv_kernel(
     sg_b, sg_h, sg_l, sg_d,
     sdy_b, sdy_h, sdy_l, sdy_d,
     H, H_KV, L, S, GROUP, qk_scale, scale,
-    L_BUCKET, S_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """dV = sum P^T dO and dK = scale * sum dS^T Q over the group's query heads, per key block."""
     pid_n = tl.program_id(0)
@@ -258,8 +282,8 @@ def gated_attention_bwd_dkdv_kernel(
     dims = tl.arange(0, BLOCK_D)
     k = _load_tile(K + b * sk_b + kv_h * sk_h, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(V + b * sv_b + kv_h * sv_h, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     # Query blocks: [lo, mid) masked (causal diagonal), [mid, full_hi) unmasked, [tail, L) masked
     # (ragged end). Queries before lo see none of these keys (top-left causal).
     full_hi = (L // BLOCK_M) * BLOCK_M
@@ -278,13 +302,13 @@ def gated_attention_bwd_dkdv_kernel(
         g_base = G + b * sg_b + h * sg_h
         dk, dv = _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, Lse + bh * L, Delta + bh * L,
                              sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, lo, mid, L, qk_scale,
-                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True)
+                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True, ACC)
         dk, dv = _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, Lse + bh * L, Delta + bh * L,
                              sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, mid, full_hi, L, qk_scale,
-                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, False)
+                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, False, ACC)
         dk, dv = _dkdv_inner(dk, dv, k, v, keys, q_base, dy_base, g_base, Lse + bh * L, Delta + bh * L,
                              sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, dims, tail, L, L, qk_scale,
-                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True)
+                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True, ACC)
     _store_tile(dK + pid_bkv * S * HEAD_DIM, keys, S, dims, (dk * scale).to(dK.dtype.element_ty), HEAD_DIM, BLOCK_D)
     _store_tile(dV + pid_bkv * S * HEAD_DIM, keys, S, dims, dv.to(dV.dtype.element_ty), HEAD_DIM, BLOCK_D)
 
@@ -304,7 +328,6 @@ def _dq_inner(dq, q, d_out, lse, delta, k_base, v_base, sk_s, sk_d, sv_s, sv_d, 
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNING_KEY)
 @triton.jit
 def gated_attention_bwd_dq_kernel(
     Q, K, V, G, dY, Lse, Delta, dQ,
@@ -314,9 +337,8 @@ def gated_attention_bwd_dq_kernel(
     sg_b, sg_h, sg_l, sg_d,
     sdy_b, sdy_h, sdy_l, sdy_d,
     H, L, S, GROUP, qk_scale, scale,
-    L_BUCKET, S_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """dQ = scale * sum dS K per query block, dS = P * (dO V^T - delta)."""
     pid_m = tl.program_id(0)
@@ -330,12 +352,12 @@ def gated_attention_bwd_dq_kernel(
     q = _load_tile(Q + b * sq_b + h * sq_h, rows, L, sq_l, sq_d, dims, HEAD_DIM, BLOCK_D, True)
     dy = _load_tile(dY + b * sdy_b + h * sdy_h, rows, L, sdy_l, sdy_d, dims, HEAD_DIM, BLOCK_D, True)
     gate = _load_tile(G + b * sg_b + h * sg_h, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
-    d_out = (dy.to(tl.float32) * tl.sigmoid(gate.to(tl.float32))).to(q.dtype)  # dO = dY * s
+    d_out = (dy.to(ACC) * tl.sigmoid(gate.to(ACC))).to(q.dtype)  # dO = dY * s
     lse = tl.load(Lse + pid_bh * L + rows, mask=rows < L, other=0.0) * LOG2E_
     delta = tl.load(Delta + pid_bh * L + rows, mask=rows < L, other=0.0)
     k_base = K + b * sk_b + kv_h * sk_h
     v_base = V + b * sv_b + kv_h * sv_h
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     full_hi, hi = _key_ranges(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _dq_inner(dq, q, d_out, lse, delta, k_base, v_base, sk_s, sk_d, sv_s, sv_d, rows, dims, 0, full_hi, S,
                    qk_scale, HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, False)
@@ -344,11 +366,8 @@ def gated_attention_bwd_dq_kernel(
     _store_tile(dQ + pid_bh * L * HEAD_DIM, rows, L, dims, (dq * scale).to(dQ.dtype.element_ty), HEAD_DIM, BLOCK_D)
 
 
-def _bucket(n):
-    return triton.next_power_of_2(max(n, 1))
-
-
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which carries batch * heads
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def _common_args(q, k, v, gate, is_causal, scale):
@@ -359,38 +378,44 @@ def _common_args(q, k, v, gate, is_causal, scale):
     if head_dim > 256:
         raise ValueError(f"q: head dim {head_dim} exceeds the Triton kernel's 256")
     scale = head_dim**-0.5 if scale is None else scale
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    exact = q.dtype == torch.float64  # float64 (gradcheck on the GPU): float64 accumulation, FMA matmuls
     return dict(
         batch=batch, heads=heads, kv_heads=k.shape[1], q_len=q_len, kv_len=kv_len, head_dim=head_dim,
         scale=scale, gate=gate.expand(q.shape),  # head-wise gate: stride 0 along D
+        stats_dtype=torch.float64 if exact else torch.float32,  # lse and delta
+        match=dict(dtype=DTYPE_NAMES[q.dtype], D=block_d, causal=bool(is_causal)),
+        sizes=dict(L=q_len, S=kv_len),
         meta=dict(
-            HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), IS_CAUSAL=bool(is_causal),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=bool(is_causal),
+            DOT_PRECISION="tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee",
+            ACC=tl.float64 if exact else tl.float32,
         ),
     )
 
 
 def gated_attention_forward(q, k, v, gate, is_causal=False, scale=None):
-    """(out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] float32). gate=None runs the same kernel
-    ungated (plain SDPA): the benchmark's measure of what the fused gate costs."""
+    """(out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] float32, float64 for float64 q). gate=None runs
+    the same kernel ungated (plain SDPA): the benchmark's measure of what the fused gate costs."""
     has_gate = gate is not None
     gate = q[..., :1] if gate is None else gate  # never read when ungated
     a = _common_args(q, k, v, gate, is_causal, scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=a["stats_dtype"], device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     g = a["gate"]
 
-    def grid(meta):
-        return (triton.cdiv(a["q_len"], meta["BLOCK_M"]), a["batch"] * a["heads"])
+    def run(config):
+        constexprs, options = split_options(config)
+        gated_attention_fwd_kernel[(triton.cdiv(a["q_len"], config["BLOCK_M"]), a["batch"] * a["heads"])](
+            q, k, v, g, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *g.stride(),
+            a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], a["scale"] * LOG2E,
+            **a["meta"], **constexprs, **options, HAS_GATE=has_gate,
+        )
 
-    gated_attention_fwd_kernel[grid](
-        q, k, v, g, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *g.stride(),
-        a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], a["scale"] * LOG2E,
-        _bucket(a["q_len"]), _bucket(a["kv_len"]),
-        **a["meta"], HAS_GATE=has_gate,
-    )
+    FWD.launch(run, q.device, a["match"], a["sizes"])
     return out, lse
 
 
@@ -406,29 +431,42 @@ def gated_attention_backward(grad_out, q, k, v, gate, out, lse, is_causal=False,
     if q.numel() == 0:  # no query: nothing flows back to the keys
         return dq, dk.zero_(), dv.zero_(), dgate
     out = out.contiguous()
-    lse = lse.contiguous()
+    lse = lse.to(a["stats_dtype"]).contiguous()
     g = a["gate"]
-    delta = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    delta = torch.empty(q.shape[:3], dtype=a["stats_dtype"], device=q.device)
     meta = a["meta"]
-    prep_block = 16 if _interpreted() else 64
-    gated_attention_bwd_preprocess_kernel[(triton.cdiv(q_len, prep_block), batch * heads)](
-        grad_out, out, g, delta, dgate,
-        *grad_out.stride(), *g.stride(), heads, q_len,
-        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HEAD_WISE_GATE=head_wise, BLOCK_M=prep_block,
-    )
+
+    def run_preprocess(config):
+        constexprs, options = split_options(config)
+        gated_attention_bwd_preprocess_kernel[(triton.cdiv(q_len, config["BLOCK_M"]), batch * heads)](
+            grad_out, out, g, delta, dgate,
+            *grad_out.stride(), *g.stride(), heads, q_len,
+            HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HEAD_WISE_GATE=head_wise, ACC=meta["ACC"],
+            **constexprs, **options,
+        )
+
+    PREPROCESS.launch(run_preprocess, q.device, dict(dtype=a["match"]["dtype"], D=meta["BLOCK_D"]))
     if kv_len == 0:  # no key: the output is 0 whatever q, k, v are
         return dq.zero_(), dk, dv, dgate
     strides = (*q.stride(), *k.stride(), *v.stride(), *g.stride(), *grad_out.stride())
     qk_scale = a["scale"] * LOG2E
-    buckets = (_bucket(q_len), _bucket(kv_len))
-    gated_attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, g, grad_out, lse, delta, dk, dv, *strides,
-        heads, kv_heads, q_len, kv_len, heads // kv_heads, qk_scale, a["scale"], *buckets, **meta,
-    )
-    gated_attention_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)](
-        q, k, v, g, grad_out, lse, delta, dq, *strides,
-        heads, q_len, kv_len, heads // kv_heads, qk_scale, a["scale"], *buckets, **meta,
-    )
+
+    def run_dkdv(config):
+        constexprs, options = split_options(config)
+        gated_attention_bwd_dkdv_kernel[(triton.cdiv(kv_len, config["BLOCK_N"]), batch * kv_heads)](
+            q, k, v, g, grad_out, lse, delta, dk, dv, *strides,
+            heads, kv_heads, q_len, kv_len, heads // kv_heads, qk_scale, a["scale"], **meta, **constexprs, **options,
+        )
+
+    def run_dq(config):
+        constexprs, options = split_options(config)
+        gated_attention_bwd_dq_kernel[(triton.cdiv(q_len, config["BLOCK_M"]), batch * heads)](
+            q, k, v, g, grad_out, lse, delta, dq, *strides,
+            heads, q_len, kv_len, heads // kv_heads, qk_scale, a["scale"], **meta, **constexprs, **options,
+        )
+
+    DKDV.launch(run_dkdv, q.device, a["match"], a["sizes"])
+    DQ.launch(run_dq, q.device, a["match"], a["sizes"])
     return dq, dk, dv, dgate
 
 

@@ -7,6 +7,10 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
 
+# Devices the ops run on here: what gradcheck, opcheck, torch.compile and the bad-input tests cover.
+DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
 def kernel_backends():
     """Where the kernels run in this session: the CPU C++ kernels always; the Triton kernels on the
     GPU, or on CPU tensors under the interpreter."""

@@ -32,8 +32,8 @@ Shape check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   check_rank(v, 4, "v");
   check_rank(gate, 4, "gate");
   for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&gate, "gate"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
-                     t->scalar_type());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", dtype_name(q.scalar_type()),
+                     ", got ", dtype_name(t->scalar_type()));
     TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on q's device ", q.device(), ", got ", t->device());
   }
   Shape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), false};
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::Tensor qc = q.to(compute), kc = k.to(compute), vc = v.to(compute), lsec = lse.to(compute);
   const at::Tensor dy = grad_out.to(compute), y = out.to(compute);
   const at::Tensor gate_sigmoid = at::sigmoid(gate.to(compute));
-  // SPEC 4: with Y = O * sigmoid(gate):  dO = dY * s,  rowsum(dO * O) = rowsum(dY * Y),
+  // docs/ops.md §4: with Y = O * sigmoid(gate):  dO = dY * s,  rowsum(dO * O) = rowsum(dY * Y),
   // dgate = dY * Y * (1 - s) (summed over D for a head-wise gate).
   const at::Tensor d_attn = dy * gate_sigmoid;
   const at::Tensor delta = (dy * y).sum(-1, /*keepdim=*/true);

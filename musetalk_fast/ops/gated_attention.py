@@ -1,4 +1,4 @@
-"""gated_attention: SDPA(q, k, v) * sigmoid(gate), the gate fused in the epilogue (SPEC 4).
+"""gated_attention: SDPA(q, k, v) * sigmoid(gate), the gate fused in the epilogue (docs/ops.md §4).
 
 The public op is composite over `gated_attention_forward` -> (out, lse), which carries the
 autograd, and `gated_attention_backward`. CPU: csrc/gated_attention/cpu.cpp. CUDA: the Triton
@@ -6,7 +6,7 @@ kernels of kernels/gated_attention.py.
 """
 import torch
 
-from .checks import check_float, check_rank, check_same, check_triton_dtype
+from .checks import check_float, check_rank, check_same
 from .library import op, qualname, register_composite, register_cuda
 
 
@@ -58,7 +58,6 @@ def _backward_fake(grad_out, q, k, v, gate, out, lse, is_causal, scale):
 
 def _forward_cuda(q, k, v, gate, is_causal, scale):
     check_args(q, k, v, gate)
-    check_triton_dtype(q, "q")
     from ..kernels.gated_attention import gated_attention_forward
 
     return gated_attention_forward(q, k, v, gate, is_causal, scale)
@@ -66,7 +65,6 @@ def _forward_cuda(q, k, v, gate, is_causal, scale):
 
 def _backward_cuda(grad_out, q, k, v, gate, out, lse, is_causal, scale):
     check_backward_args(grad_out, q, k, v, gate, out, lse)
-    check_triton_dtype(q, "q")
     from ..kernels.gated_attention import gated_attention_backward
 
     return gated_attention_backward(grad_out, q, k, v, gate, out, lse, is_causal, scale)

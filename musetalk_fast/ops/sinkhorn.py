@@ -1,4 +1,4 @@
-"""sinkhorn: doubly-stochastic projection of [..., n, n] logits (SPEC 5).
+"""sinkhorn: doubly-stochastic projection of [..., n, n] logits (docs/ops.md §5).
 
 CPU: csrc/sinkhorn/cpu.cpp. CUDA: the Triton kernels of kernels/sinkhorn.py (a CUDA C++ candidate,
 sinkhorn_cudacpp, is built beside it for the benchmark). Backward: a kernel, which on the GPU
@@ -6,7 +6,7 @@ recomputes the iterations on-chip and on the CPU stores each step's input.
 """
 import torch
 
-from .checks import check_float, check_triton_dtype
+from .checks import check_float
 from .library import op, qualname, register_cuda
 
 MAX_N = 16  # csrc/sinkhorn/sinkhorn_math.h kMaxN
@@ -21,7 +21,7 @@ def check_args(logits, iters, eps):
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise ValueError(f"eps must be >= 0, got {eps:g}")  # :g prints a double as C++'s ostream does
 
 
 def check_backward_args(grad, logits, iters, eps):
@@ -45,7 +45,6 @@ def _sinkhorn_backward_fake(grad, logits, iters, eps):
 
 def _sinkhorn_cuda(logits, iters=20, eps=1e-6):
     check_args(logits, iters, eps)
-    check_triton_dtype(logits, "logits")
     from ..kernels.sinkhorn import sinkhorn_forward
 
     return sinkhorn_forward(logits, iters, eps)
@@ -53,7 +52,6 @@ def _sinkhorn_cuda(logits, iters=20, eps=1e-6):
 
 def _sinkhorn_backward_cuda(grad, logits, iters, eps):
     check_backward_args(grad, logits, iters, eps)
-    check_triton_dtype(logits, "logits")
     from ..kernels.sinkhorn import sinkhorn_backward
 
     return sinkhorn_backward(grad, logits, iters, eps)

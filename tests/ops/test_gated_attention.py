@@ -8,7 +8,7 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
-from tests.helpers import HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+from tests.helpers import DEVICES, HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
 
 
 def random_cases(count, seed, max_len):
@@ -91,7 +91,7 @@ def attention_at_dtype(q, k, v, gate, is_causal):
 
 
 def saved_output_rounding_error(q, k, v, gate, grad, is_causal, dtype):
-    """The dq, dk error that SPEC 4's design adds by design: the backward's delta = rowsum(dY * Y) reads
+    """The dq, dk error that the design of docs/ops.md §4 adds by design: the backward's delta = rowsum(dY * Y) reads
     Y stored at `dtype`. With d_delta that rounding, dS changes by -P * d_delta (times the scale)."""
     q, k, v, gate, grad = (t.detach().cpu().double() for t in (q, k, v, gate, grad))
     out = reference.gated_attention(q, k, v, gate, is_causal)
@@ -142,36 +142,55 @@ def test_half_precision_matches_reference(backend, dtype, case):
         assert_close_to_reference(g, e, s, name=name, extra_allowance=extra)
 
 
-def test_float64_and_lse_on_cpu():
-    case = (2, 4, 2, 13, 21, 16, True, False, True)
-    q, k, v, gate = make_inputs(case, torch.float64, "cpu", seed=5)
-    out, lse = torch.ops.musetalk_fast.gated_attention_forward(q, k, v, gate, True, 0.3)
-    ref_out, ref_lse = reference.gated_attention_with_lse(q, k, v, gate, True, 0.3)
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("case", [(2, 4, 2, 13, 21, 16, True, False, True), (1, 2, 1, 40, 33, 24, False, True, False)],
+                         ids=str)
+def test_float64_and_lse(backend, case):
+    """float64 in, float64 out on every backend (the GPU's exact path for gradcheck), lse included."""
+    device = backend_device(backend)
+    q, k, v, gate = make_inputs(case, torch.float64, device, seed=5)
+    is_causal = case[6]
+    if backend == "triton-interpreter":
+        from musetalk_fast.kernels.gated_attention import gated_attention_forward
+
+        out, lse = gated_attention_forward(q, k, v, gate, is_causal, 0.3)
+    else:
+        out, lse = torch.ops.musetalk_fast.gated_attention_forward(q, k, v, gate, is_causal, 0.3)
+    ref_out, ref_lse = reference.gated_attention_with_lse(q, k, v, gate, is_causal, 0.3)
     assert out.dtype == lse.dtype == torch.float64 and out.is_contiguous()
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)
+    grad = torch.randn(q.shape, generator=seeded(12), dtype=torch.float64).to(device)
+    got = run_kernel(backend, q, k, v, gate, grad, is_causal)
+    exact = reference_outputs(q, k, v, gate, grad, is_causal, torch.float64)
+    for name, g, e in zip(NAMES, got, exact):
+        assert g.dtype == torch.float64
+        assert_close_to_reference(g, e, name=name, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("is_causal,head_wise", [(False, False), (True, True), (True, False)])
-def test_gradcheck_float64(is_causal, head_wise):
+def test_gradcheck_float64(device, is_causal, head_wise):
     case = (1, 4, 2, 5, 7, 8, is_causal, head_wise, False)
-    inputs = [t.requires_grad_() for t in make_inputs(case, torch.float64, "cpu", seed=6)]
+    inputs = [t.requires_grad_() for t in make_inputs(case, torch.float64, device, seed=6)]
     assert torch.autograd.gradcheck(
         lambda q, k, v, g: musetalk_fast.ops.gated_attention(q, k, v, g, is_causal=is_causal), inputs)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     case = (1, 4, 2, 6, 9, 16, True, True, True)
-    q, k, v, gate = [t.requires_grad_() for t in make_inputs(case, torch.float32, "cpu", seed=7)]
+    q, k, v, gate = [t.requires_grad_() for t in make_inputs(case, torch.float32, device, seed=7)]
     torch.library.opcheck(torch.ops.musetalk_fast.gated_attention_forward.default, (q, k, v, gate, True, None))
     out, lse = torch.ops.musetalk_fast.gated_attention_forward(q, k, v, gate, True, None)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), gate.detach(), out.detach(), lse, True, None)
     torch.library.opcheck(torch.ops.musetalk_fast.gated_attention_backward.default, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
     case = (1, 4, 1, 8, 8, 16, True, False, False)
-    inputs = make_inputs(case, torch.float32, "cpu", seed=8)
+    inputs = make_inputs(case, torch.float32, device, seed=8)
 
     def loss_fn(q, k, v, gate):
         return musetalk_fast.ops.gated_attention(q, k, v, gate, is_causal=True).square().sum()
@@ -199,32 +218,52 @@ def _good(**changes):
     return tensors
 
 
+# Each kind of bad input with its whole message: the C++ checks (CPU tensors) and the Python checks
+# (CUDA tensors, fake tensors under torch.compile) must say exactly this. The integers in these
+# messages are what a second, static libstdc++ in the extension cut short or crashed on.
 BAD_INPUTS = [
-    (_good(k=torch.randn(1, 2, 6, 32), v=torch.randn(1, 2, 6, 32)), ValueError, "k head dim"),
-    (_good(k=torch.randn(1, 3, 6, 16), v=torch.randn(1, 3, 6, 16)), ValueError, r"multiple of k/v heads"),
-    (_good(gate=torch.randn(1, 4, 5, 8)), ValueError, "gate must have shape"),
-    (_good(gate=torch.randn(1, 4, 5)), ValueError, "gate must have rank 4"),
-    (_good(v=torch.randn(1, 2, 7, 16)), ValueError, "v must have k's shape"),
-    (_good(k=torch.randn(2, 2, 6, 16), v=torch.randn(2, 2, 6, 16)), ValueError, "k batch"),
-    (_good(v=torch.randn(1, 2, 6, 16, dtype=torch.float64)), TypeError, "v must have q's dtype"),
-    (_good(q=torch.randint(0, 3, (1, 4, 5, 16))), TypeError, "q must be"),
+    (_good(k=torch.randn(1, 2, 6, 32), v=torch.randn(1, 2, 6, 32)), ValueError,
+     "k head dim 32 must equal q head dim 16"),
+    (_good(k=torch.randn(1, 3, 6, 16), v=torch.randn(1, 3, 6, 16)), ValueError,
+     "q heads (4) must be a multiple of k/v heads (3)"),
+    (_good(gate=torch.randn(1, 4, 5, 8)), ValueError, "gate must have shape [1, 4, 5, 16] or [B, Hq, L, 1], got [1, 4, 5, 8]"),
+    (_good(gate=torch.randn(1, 4, 5)), ValueError, "gate must have rank 4, got shape [1, 4, 5]"),
+    (_good(v=torch.randn(1, 2, 7, 16)), ValueError, "v must have k's shape [1, 2, 6, 16], got [1, 2, 7, 16]"),
+    (_good(k=torch.randn(2, 2, 6, 16), v=torch.randn(2, 2, 6, 16)), ValueError, "k batch 2 must equal q batch 1"),
+    (_good(v=torch.randn(1, 2, 6, 16, dtype=torch.float64)), TypeError, "v must have q's dtype float32, got float64"),
+    (_good(q=torch.randint(0, 3, (1, 4, 5, 16))), TypeError,
+     "q must be float16, bfloat16, float32 or float64, got int64"),
 ]
 
 
-@pytest.mark.parametrize("tensors,error,message", BAD_INPUTS)
-def test_bad_input_names_the_argument(tensors, error, message):
-    with pytest.raises(error, match=message):
-        musetalk_fast.ops.gated_attention(**tensors)
-    with pytest.raises(error, match=message):  # the fake impl, which torch.compile traces, checks the same
-        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+@pytest.mark.parametrize("device", DEVICES + ["fake"])
+@pytest.mark.parametrize("tensors,error,message", BAD_INPUTS, ids=[b[2][:24] for b in BAD_INPUTS])
+def test_bad_input_raises_the_whole_message(device, tensors, error, message):
+    """On every device, and on the fake tensors torch.compile traces with: the same full message."""
+    if device == "fake":
+        with pytest.raises(error) as raised, torch._subclasses.fake_tensor.FakeTensorMode() as mode:
             musetalk_fast.ops.gated_attention(**{n: mode.from_tensor(t) for n, t in tensors.items()})
+    else:
+        with pytest.raises(error) as raised:
+            musetalk_fast.ops.gated_attention(**{n: t.to(device) for n, t in tensors.items()})
+    assert str(raised.value).splitlines()[0] == message
+
+
+def test_backward_bad_input_raises_the_whole_message():
+    q, k, v, gate = (_good()[n] for n in ("q", "k", "v", "gate"))
+    out, lse = torch.ops.musetalk_fast.gated_attention_forward(q, k, v, gate, False, None)
+    for device in DEVICES:
+        args = [t.to(device) for t in (torch.randn_like(out), q, k, v, gate, out, lse[..., :3])]
+        with pytest.raises(ValueError) as raised:
+            torch.ops.musetalk_fast.gated_attention_backward(*args, False, None)
+        assert str(raised.value).splitlines()[0] == "lse must have shape [B, Hq, L] = [1, 4, 5], got [1, 4, 3]"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 def test_mixed_devices_are_rejected():
     tensors = _good()
     tensors["k"] = tensors["k"].cuda()
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ValueError, match="k must be on q's device cpu, got cuda:0"):
         musetalk_fast.ops.gated_attention(**tensors)
 
 

@@ -5,7 +5,7 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
-from tests.helpers import HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+from tests.helpers import DEVICES, HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
 
 SHAPES = [(1, 1), (3, 2), (5, 3), (2, 3, 4), (17, 4), (4, 5), (2, 7), (3, 16), (0, 4), (2, 0, 4), (4, 0)]
 ITERS = [0, 1, 7, 20]
@@ -75,32 +75,36 @@ def test_output_is_doubly_stochastic(backend):
     assert (p >= 0).all()
 
 
-def test_non_contiguous_input():
-    base = make_logits((6, 4), 1, torch.float64, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    base = make_logits((6, 4), 1, torch.float64, device)
     logits = base.transpose(-1, -2)  # a non-contiguous view
     torch.testing.assert_close(musetalk_fast.ops.sinkhorn(logits, 5), reference.sinkhorn(logits, 5))
 
 
-def test_gradcheck_float64():
-    logits = make_logits((3, 4), 2, torch.float64, "cpu").requires_grad_()
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    logits = make_logits((3, 4), 2, torch.float64, device).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: musetalk_fast.ops.sinkhorn(x, 6, 1e-6), (logits,))
     assert torch.autograd.gradcheck(lambda x: musetalk_fast.ops.sinkhorn(x, 1, 0.0), (logits,))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     for shape in [(3, 4), (2, 2, 3)]:
-        logits = make_logits(shape, 4, torch.float32, "cpu").requires_grad_()
+        logits = make_logits(shape, 4, torch.float32, device).requires_grad_()
         torch.library.opcheck(torch.ops.musetalk_fast.sinkhorn.default, (logits, 5, 1e-6))
         grad = torch.randn_like(logits)
         torch.library.opcheck(torch.ops.musetalk_fast.sinkhorn_backward.default, (grad, logits.detach(), 5, 1e-6))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
     def loss_fn(logits):
         return (musetalk_fast.ops.sinkhorn(logits, 8) ** 2).sum()
 
     compiled = torch.compile(loss_fn, fullgraph=True)
-    logits = make_logits((5, 4), 5, torch.float32, "cpu").requires_grad_()
+    logits = make_logits((5, 4), 5, torch.float32, device).requires_grad_()
     loss = compiled(logits)
     (grad,) = torch.autograd.grad(loss, logits)
     x = logits.detach().requires_grad_()
@@ -109,29 +113,39 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grad, expected)
 
 
+# Each kind of bad input with its whole message, the same from the C++ checks (CPU tensors) and the
+# Python ones (CUDA tensors, fake tensors).
 BAD_INPUTS = [
-    (lambda: (torch.zeros(3, 4, dtype=torch.int64), 20, 1e-6), TypeError, "logits"),
-    (lambda: (torch.zeros(4), 20, 1e-6), ValueError, "logits"),
-    (lambda: (torch.zeros(2, 3, 4), 20, 1e-6), ValueError, "logits"),
-    (lambda: (torch.zeros(2, 17, 17), 20, 1e-6), ValueError, "n must be at most"),
-    (lambda: (torch.zeros(2, 4, 4), -1, 1e-6), ValueError, "iters"),
-    (lambda: (torch.zeros(2, 4, 4), 3, -1.0), ValueError, "eps"),
+    (lambda: (torch.zeros(3, 4, dtype=torch.int64), 20, 1e-6), TypeError,
+     "logits must be float16, bfloat16, float32 or float64, got int64"),
+    (lambda: (torch.zeros(4), 20, 1e-6), ValueError, "logits must have shape [..., n, n], got [4]"),
+    (lambda: (torch.zeros(2, 3, 4), 20, 1e-6), ValueError, "logits must have shape [..., n, n], got [2, 3, 4]"),
+    (lambda: (torch.zeros(2, 17, 17), 20, 1e-6), ValueError, "logits: n must be at most 16, got 17"),
+    (lambda: (torch.zeros(2, 4, 4), -1, 1e-6), ValueError, "iters must be >= 0, got -1"),
+    (lambda: (torch.zeros(2, 4, 4), 3, -1.0), ValueError, "eps must be >= 0, got -1"),
+    (lambda: (torch.zeros(2, 4, 4), 3, -2.5e-7), ValueError, "eps must be >= 0, got -2.5e-07"),
 ]
 
 
-@pytest.mark.parametrize("make_args,error,message", BAD_INPUTS)
-def test_bad_input_names_the_argument(make_args, error, message):
-    with pytest.raises(error, match=message):
-        musetalk_fast.ops.sinkhorn(*make_args())
-    with pytest.raises(error, match=message):  # the fake impl (torch.compile's path) checks the same
-        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-            args = make_args()
-            musetalk_fast.ops.sinkhorn(mode.from_tensor(args[0]), *args[1:])
+@pytest.mark.parametrize("device", DEVICES + ["fake"])
+@pytest.mark.parametrize("make_args,error,message", BAD_INPUTS, ids=[b[2][:30] for b in BAD_INPUTS])
+def test_bad_input_raises_the_whole_message(device, make_args, error, message):
+    logits, *rest = make_args()
+    if device == "fake":  # the fake impl, which torch.compile traces, checks the same
+        with pytest.raises(error) as raised, torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            musetalk_fast.ops.sinkhorn(mode.from_tensor(logits), *rest)
+    else:
+        with pytest.raises(error) as raised:
+            musetalk_fast.ops.sinkhorn(logits.to(device), *rest)
+    assert str(raised.value).splitlines()[0] == message
 
 
-def test_backward_rejects_mismatched_grad():
-    with pytest.raises(ValueError, match="grad"):
-        torch.ops.musetalk_fast.sinkhorn_backward(torch.zeros(2, 3, 3), torch.zeros(2, 4, 4), 3, 1e-6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_rejects_mismatched_grad(device):
+    with pytest.raises(ValueError) as raised:
+        torch.ops.musetalk_fast.sinkhorn_backward(torch.zeros(2, 3, 3, device=device),
+                                                  torch.zeros(2, 4, 4, device=device), 3, 1e-6)
+    assert str(raised.value).splitlines()[0] == "grad must have the shape of logits [2, 4, 4], got [2, 3, 3]"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
