@@ -1,4 +1,4 @@
-"""The executable spec: a short, obvious pure-PyTorch version of every op in shared/SPEC.md.
+"""The executable spec: a short, obvious pure-PyTorch version of every op in docs/ops.md.
 
 Every kernel is tested against these. They compute in float32 (float64 when given float64, for
 gradcheck), run on any device, and get autograd from PyTorch. Speed is not a goal here.
@@ -46,7 +46,7 @@ def fp8_quantize(x, block=None, ue8m0=False):
     scale = amax / FP8_MAX
     if ue8m0:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    x_fp8 = (blocks / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).flatten(-2)
+    x_fp8 = (blocks / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).flatten(-2).contiguous()
     return x_fp8, (scale.squeeze(-1) if block == dim else scale)
 
 
@@ -64,7 +64,7 @@ def topk_indices(logits, k, ks=None, ke=None, sorted=False):
         ks = torch.zeros(num_rows, dtype=torch.int32, device=logits.device) if ks is None else ks
         ke = torch.full((num_rows,), num_keys, dtype=torch.int32, device=logits.device) if ke is None else ke
         valid &= _key_range_mask(ks, ke, num_keys)
-    masked = torch.where(valid, logits.float(), torch.tensor(float("-inf"), device=logits.device))
+    masked = torch.where(valid, logits.to(compute_dtype(logits)), float("-inf"))  # float64 ties stay apart
     values, indices = masked.topk(min(k, num_keys), dim=-1, sorted=True)
     indices = torch.where(torch.isfinite(values), indices, -1).to(torch.int32)
     return F.pad(indices, (0, k - indices.shape[1]), value=-1)
@@ -181,8 +181,9 @@ def engram_hash(ids, multipliers, moduli, offsets, pad_id=0):
     for j in range(max_n):
         shifted = padded[:, max_n - 1 - j : max_n - 1 - j + length]  # ids[t - j]
         mix ^= shifted[:, :, None] * multipliers[:, j][None, None, :]
-    rows = offsets.view(orders, -1) + torch.remainder(mix[..., None], moduli)  # remainder >= 0 for moduli > 0
-    return rows.reshape(batch, length, -1)
+    heads = moduli.shape[1]  # named, not -1: a reshape cannot infer a size from zero elements (B, L or O = 0)
+    rows = offsets.view(orders, heads) + torch.remainder(mix[..., None], moduli)  # remainder >= 0 for moduli > 0
+    return rows.reshape(batch, length, orders * heads)
 
 
 def engram_gather(table, rows, sparse=False):

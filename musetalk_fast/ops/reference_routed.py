@@ -1,62 +1,321 @@
 """Ops whose kernels are not written yet: they run through musetalk_fast.reference on every device
 (CompositeImplicitAutograd, so autograd and torch.compile go through the reference's torch ops).
-Each moves to its own module (ops/<family>.py) when its kernels land.
+Each moves to its own module (ops/<family>.py) when its kernels land, with its check_<op>.
+
+Every op checks its arguments before the reference runs, in eager mode and when torch.compile
+traces it with fake tensors. The checks that read values (moduli > 0, gathered rows inside the
+table) run on real tensors only (checks.has_data).
 """
+import torch
+
 from .. import reference
+from .checks import (
+    FLOAT_DTYPES,
+    check_device,
+    check_dtype,
+    check_float,
+    check_non_negative,
+    check_rank,
+    check_same,
+    check_shape,
+    has_data,
+)
 from .library import op, register_composite
 
-REFERENCE_ROUTED = {
-    "lightning_indexer": reference.lightning_indexer,
-    "fp8_quantize": reference.fp8_quantize,
-    "topk_indices": reference.topk_indices,
-    "lightning_indexer_topk": reference.lightning_indexer_topk,
-    "sparse_attention": reference.sparse_attention,
-    "mhc_pre": reference.mhc_pre,
-    "mhc_post": reference.mhc_post,
-    "engram_hash": reference.engram_hash,
-    "engram_gather": reference.engram_gather,
-    "engram_lookup": reference.engram_lookup,
+FP8_OR_FLOAT = (torch.float8_e4m3fn, *FLOAT_DTYPES)
+FP32_OR_FP64 = (torch.float32, torch.float64)
+INT32 = (torch.int32,)
+INT64 = (torch.int64,)
+
+
+def check_key_range(ks, ke, num_tokens, ref, ref_name):
+    """ks, ke: [T] int32 on ref's device; either may be None (topk_indices' optional range)."""
+    for t, name in ((ks, "ks"), (ke, "ke")):
+        if t is not None:
+            check_dtype(t, name, INT32)
+            check_shape(t, name, "T", [num_tokens])
+            check_device(t, ref, name, ref_name)
+
+
+def check_lightning_indexer(q, k, k_scale, weights, ks, ke):
+    check_dtype(q, "q", FP8_OR_FLOAT)
+    check_dtype(k, "k", FP8_OR_FLOAT)
+    check_dtype(k_scale, "k_scale", FP32_OR_FP64)
+    check_dtype(weights, "weights", FP32_OR_FP64)
+    check_rank(q, 3, "q")
+    check_rank(k, 2, "k")
+    for t, name in ((k, "k"), (k_scale, "k_scale"), (weights, "weights")):
+        check_device(t, q, name, "q")
+    num_tokens, heads, head_dim = q.shape
+    if k.shape[1] != head_dim:
+        raise ValueError(f"k head dim {k.shape[1]} must equal q head dim {head_dim}")
+    check_shape(k_scale, "k_scale", "S", [k.shape[0]])
+    check_shape(weights, "weights", "T, H", [num_tokens, heads])
+    check_key_range(ks, ke, num_tokens, q, "q")
+
+
+def check_fp8_quantize(x, block=None, ue8m0=False):
+    check_float(x, "x")
+    if x.dim() < 1:
+        raise ValueError(f"x must have rank >= 1, got shape {list(x.shape)}")
+    dim = x.shape[-1]
+    if block is None:
+        if dim == 0:
+            raise ValueError(f"x's last dim must be > 0 when block is None (one block per row), "
+                             f"got shape {list(x.shape)}")
+    elif block <= 0:
+        raise ValueError(f"block must be > 0, got {block}")
+    elif dim % block != 0:
+        raise ValueError(f"block {block} must divide x's last dim {dim}")
+
+
+def check_topk_indices(logits, k, ks=None, ke=None, sorted=False):
+    check_float(logits, "logits")
+    check_rank(logits, 2, "logits")
+    check_non_negative(k, "k")
+    check_key_range(ks, ke, logits.shape[0], logits, "logits")
+
+
+def check_lightning_indexer_topk(q, k, k_scale, weights, ks, ke, topk):
+    check_lightning_indexer(q, k, k_scale, weights, ks, ke)
+    check_non_negative(topk, "topk")
+
+
+def check_sparse_attention(q, k, v, indices, sm_scale=None):
+    check_float(q, "q")
+    check_rank(q, 3, "q")
+    check_rank(k, 3, "k")
+    check_same(k, q, "k", "q")
+    check_same(v, q, "v", "q")
+    check_dtype(indices, "indices", INT32)
+    check_device(indices, q, "indices", "q")
+    num_tokens, q_heads, head_dim = q.shape
+    num_keys, kv_heads, _ = k.shape
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k head dim {k.shape[2]} must equal q head dim {head_dim}")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+    check_shape(v, "v", "S, Hkv, Dv", [num_keys, kv_heads, None])
+    check_shape(indices, "indices", "T, Hkv, K", [num_tokens, kv_heads, None])
+
+
+def _check_streams(x, **companions):
+    """x: floating [N, n, C] residual streams; the companions floating and on x's device. Returns x's shape."""
+    check_float(x, "x")
+    check_rank(x, 3, "x")
+    for name, t in companions.items():
+        check_float(t, name)
+        check_device(t, x, name, "x")
+    return x.shape
+
+
+def check_mhc_pre(x, phi, alpha, bias, iters=20):
+    _, n, channels = _check_streams(x, phi=phi, alpha=alpha, bias=bias)
+    check_shape(phi, "phi", "n*C, n*n + 2n", [n * channels, n * n + 2 * n])
+    check_shape(alpha, "alpha", "3", [3])
+    check_shape(bias, "bias", "n*n + 2n", [n * n + 2 * n])
+    check_non_negative(iters, "iters")
+
+
+def check_mhc_post(x, f_out, h_post, h_res):
+    num_tokens, n, channels = _check_streams(x, f_out=f_out, h_post=h_post, h_res=h_res)
+    check_shape(f_out, "f_out", "N, C", [num_tokens, channels])
+    check_shape(h_post, "h_post", "N, n", [num_tokens, n])
+    check_shape(h_res, "h_res", "N, n, n", [num_tokens, n, n])
+
+
+def check_engram_hash(ids, multipliers, moduli, offsets, pad_id=0):
+    for t, name in ((ids, "ids"), (multipliers, "multipliers"), (moduli, "moduli"), (offsets, "offsets")):
+        check_dtype(t, name, INT64)
+        check_device(t, ids, name, "ids")
+    check_rank(ids, 2, "ids")
+    check_rank(multipliers, 2, "multipliers")
+    orders, max_n = multipliers.shape
+    if max_n < 1:
+        raise ValueError(f"multipliers must have shape [O, Nmax] with Nmax >= 1, got {list(multipliers.shape)}")
+    check_shape(moduli, "moduli", "O, Hh", [orders, None])
+    check_shape(offsets, "offsets", "O*Hh", [orders * moduli.shape[1]])
+    if moduli.numel() > 0 and has_data(moduli):
+        smallest = int(moduli.min())
+        if smallest <= 0:
+            raise ValueError(f"moduli must all be > 0, got {smallest}")
+
+
+def check_engram_table(table):
+    check_float(table, "table")
+    check_rank(table, 2, "table")
+
+
+def check_rows_in_table(rows, table, name):
+    """Every row index in [0, R), read from the values: an out-of-range index would be a
+    device-side assert on CUDA."""
+    if rows.numel() > 0 and has_data(rows, table):
+        low, high = (int(v) for v in rows.aminmax())
+        num_rows = table.shape[0]
+        if low < 0 or high >= num_rows:
+            raise ValueError(f"{name} must be in [0, R) = [0, {num_rows}), got {low if low < 0 else high}")
+
+
+def check_engram_gather(table, rows, sparse=False):
+    """No device check: the table may live on another device than rows (pinned host memory)."""
+    check_engram_table(table)
+    check_dtype(rows, "rows", INT64)
+    check_rows_in_table(rows, table, "rows")
+
+
+def check_engram_lookup(ids, table, multipliers, moduli, offsets, pad_id=0, sparse=False):
+    """The arguments; the hashed rows are checked against the table after hashing (_engram_lookup)."""
+    check_engram_hash(ids, multipliers, moduli, offsets, pad_id)
+    check_engram_table(table)
+
+
+def _engram_lookup(ids, table, multipliers, moduli, offsets, pad_id=0, sparse=False):
+    """reference.engram_lookup with the hashed rows checked between the hash and the gather."""
+    rows = reference.engram_hash(ids, multipliers, moduli, offsets, pad_id)
+    check_rows_in_table(rows, table, "hashed rows (offsets + hash mod moduli)")
+    return reference.engram_gather(table, rows, sparse).flatten(-2)
+
+
+REFERENCE_ROUTED = {  # name: (check, implementation); both take the op's arguments
+    "lightning_indexer": (check_lightning_indexer, reference.lightning_indexer),
+    "fp8_quantize": (check_fp8_quantize, reference.fp8_quantize),
+    "topk_indices": (check_topk_indices, reference.topk_indices),
+    "lightning_indexer_topk": (check_lightning_indexer_topk, reference.lightning_indexer_topk),
+    "sparse_attention": (check_sparse_attention, reference.sparse_attention),
+    "mhc_pre": (check_mhc_pre, reference.mhc_pre),
+    "mhc_post": (check_mhc_post, reference.mhc_post),
+    "engram_hash": (check_engram_hash, reference.engram_hash),
+    "engram_gather": (check_engram_gather, reference.engram_gather),
+    "engram_lookup": (check_engram_lookup, _engram_lookup),
 }
 
-for _name, _fn in REFERENCE_ROUTED.items():
-    register_composite(_name, _fn)
+
+def _checked(check, fn):
+    """The composite: check the arguments, then run fn on them."""
+
+    def composite(*args, **kwargs):
+        check(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return composite
+
+
+for _name, (_check, _fn) in REFERENCE_ROUTED.items():
+    register_composite(_name, _checked(_check, _fn))
 
 
 def lightning_indexer(q, k, k_scale, weights, ks, ke):
+    """DeepSeek Sparse Attention's lightning indexer: logits[t, s] = k_scale[s] * sum_h weights[t, h] *
+    relu(q[t, h] . k[s]) for ks[t] <= s < ke[t], -inf elsewhere.
+
+    q: [T, H, D] and k: [S, D], each float8_e4m3fn, float16, bfloat16, float32 or float64; k_scale: [S]
+    and weights: [T, H], float32 or float64; ks, ke: [T] int32; all on one device. Returns logits
+    [T, S], float32 (float64 when an input is float64). Differentiable in q, k, k_scale and weights
+    when they are not fp8; masked entries get no gradient (autograd through the pure-PyTorch
+    reference, which runs until the kernels land).
+    """
     return op("lightning_indexer")(q, k, k_scale, weights, ks, ke)
 
 
 def fp8_quantize(x, block=None, ue8m0=False):
+    """Blockwise float8_e4m3fn quantisation along the last dim: scale = max(amax, 1e-4) / 448 per block.
+
+    x: [..., D], float16, bfloat16, float32 or float64, rank >= 1; block: values per scale, None for
+    the whole row (D), else > 0 and dividing D; ue8m0 rounds each scale up to a power of two (DeepSeek
+    V3's UE8M0 scales). Returns (x_fp8, scale): x_fp8 float8_e4m3fn with x's shape, x ~ x_fp8 * scale;
+    scale float32 of shape x.shape[:-1] when block is None (or D), else x.shape[:-1] + (D // block,).
+    Autograd reaches x through the reference's torch ops; a quantiser is normally used without it.
+    """
     return op("fp8_quantize")(x, block, ue8m0)
 
 
 def topk_indices(logits, k, ks=None, ke=None, sorted=False):
+    """Indices of the k largest finite logits of each row inside [ks[t], ke[t]), -1-padded.
+
+    logits: [T, S], float16, bfloat16, float32 or float64; k >= 0 (it may exceed S); ks, ke: optional
+    [T] int32 on logits' device (default: the whole row). Returns [T, k] int32, -1 where a row has
+    fewer than k finite logits in its range. The reference returns them sorted by decreasing logit;
+    with sorted=False a kernel may return them in any order. No gradient (an index output).
+    """
     return op("topk_indices")(logits, k, ks, ke, sorted)
 
 
 def lightning_indexer_topk(q, k, k_scale, weights, ks, ke, topk):
+    """The top `topk` keys of each query by lightning-indexer logit: topk_indices(lightning_indexer(q, k,
+    k_scale, weights, ks, ke), topk).
+
+    Arguments as lightning_indexer (q [T, H, D], k [S, D], k_scale [S], weights [T, H], ks, ke [T] int32,
+    one device) and topk >= 0. Returns [T, topk] int32 key indices, -1-padded where a query sees fewer
+    than topk keys. No gradient (an index output).
+    """
     return op("lightning_indexer_topk")(q, k, k_scale, weights, ks, ke, topk)
 
 
 def sparse_attention(q, k, v, indices, sm_scale=None):
+    """Top-k sparse attention: each query head attends only to the keys indices[t, g] of its KV head g.
+
+    q: [T, Hq, Dqk]; k: [S, Hkv, Dqk]; v: [S, Hkv, Dv] (Dv may differ from Dqk); q, k and v share one
+    dtype (float16, bfloat16, float32 or float64) and device; Hq % Hkv == 0 (query head h reads KV head
+    h // (Hq // Hkv)). indices: [T, Hkv, K] int32; an index outside [0, S) means "no key" (the -1
+    padding of topk_indices). sm_scale defaults to Dqk ** -0.5. Returns (out, lse): out [T, Hq, Dv] in
+    q's dtype, 0 for a row with no key; lse [T, Hq] float32 (float64 for float64 inputs), the
+    log-sum-exp of the scaled scores, -inf for a row with no key. Differentiable in q, k and v.
+    """
     return op("sparse_attention")(q, k, v, indices, sm_scale)
 
 
 def mhc_pre(x, phi, alpha, bias, iters=20):
+    """mHC pre-mixing: the layer input and the mixing matrices from n residual streams.
+
+    x: [N, n, C]; phi: [n*C, n*n + 2n]; alpha: [3]; bias: [n*n + 2n]; all float16, bfloat16, float32 or
+    float64, on x's device; iters >= 0 Sinkhorn rounds. With y = flatten(x) @ phi / rms(flatten(x)):
+    h_pre = sigmoid(alpha[0] y[:, :n] + bias[:n]), h_post = 2 sigmoid(alpha[1] y[:, n:2n] + bias[n:2n]),
+    h_res = sinkhorn(alpha[2] y[:, 2n:] + bias[2n:] as [N, n, n], iters). Returns (x_in [N, C] =
+    sum_i h_pre[:, i] x[:, i] in x's dtype, h_post [N, n], h_res [N, n, n]), the last two float32
+    (float64 for float64 inputs). Differentiable in x, phi, alpha and bias.
+    """
     return op("mhc_pre")(x, phi, alpha, bias, iters)
 
 
 def mhc_post(x, f_out, h_post, h_res):
+    """mHC post-mixing: x_next[:, i] = sum_j h_res[:, i, j] x[:, j] + h_post[:, i] f_out.
+
+    x: [N, n, C] (the residual streams); f_out: [N, C] (the layer's output); h_post: [N, n] and h_res:
+    [N, n, n] (from mhc_pre); all float16, bfloat16, float32 or float64, on x's device. Returns x_next
+    [N, n, C] in x's dtype. Differentiable in all four.
+    """
     return op("mhc_post")(x, f_out, h_post, h_res)
 
 
 def engram_hash(ids, multipliers, moduli, offsets, pad_id=0):
+    """Engram's hashed n-gram table rows: rows[b, t, o*Hh + h] = offsets[o*Hh + h] +
+    (XOR_j ids[b, t - j] * multipliers[o, j]) mod moduli[o, h].
+
+    ids: [B, L] (positions before the start read pad_id); multipliers: [O, Nmax], Nmax >= 1 (0 past an
+    order's n-gram size); moduli: [O, Hh], every value > 0; offsets: [O*Hh]; all int64 on one device.
+    Products wrap as int64. Returns rows [B, L, O*Hh] int64. No gradient (an index output).
+    """
     return op("engram_hash")(ids, multipliers, moduli, offsets, pad_id)
 
 
 def engram_gather(table, rows, sparse=False):
+    """Embedding rows of a table: emb[..., :] = table[rows[...]].
+
+    table: [R, E], float16, bfloat16, float32 or float64, on any device (e.g. pinned host memory);
+    rows: int64 of any shape, every value in [0, R) (checked: a ValueError, not a device-side assert).
+    Returns [*rows.shape, E] in table's dtype on rows' device. Differentiable in table; sparse=True
+    makes its gradient a sparse tensor (as F.embedding's).
+    """
     return op("engram_gather")(table, rows, sparse)
 
 
 def engram_lookup(ids, table, multipliers, moduli, offsets, pad_id=0, sparse=False):
+    """Engram memory lookup: engram_gather(table, engram_hash(ids, multipliers, moduli, offsets, pad_id),
+    sparse).flatten(-2).
+
+    Arguments as engram_hash (ids [B, L], multipliers [O, Nmax], moduli [O, Hh] > 0, offsets [O*Hh], all
+    int64 on one device) and engram_gather (table [R, E] floating, on any device); every hashed row must
+    be in [0, R) (checked after hashing). Returns [B, L, O*Hh*E] in table's dtype on ids' device.
+    Differentiable in table (a sparse gradient with sparse=True).
+    """
     return op("engram_lookup")(ids, table, multipliers, moduli, offsets, pad_id, sparse)
