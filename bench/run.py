@@ -1,8 +1,10 @@
 """Run every op's microbenchmark on the current device, with the device's peaks measured in the
-same run; print a table (time, ratio to the best baseline, % of roofline), write
-bench/results/<device>.json and a PNG chart.
+same run; print a table (time, ratio to the best baseline, % of roofline), write <out>/<device>.json
+and a PNG chart.
 
-    musetalk-fast-bench [--ops gated_attention sinkhorn] [--out bench/results]
+    musetalk-fast-bench [--ops gated_attention sinkhorn] [--out build/bench-results]
+
+The default folder is untracked; `--out bench/results` refreshes the committed results on purpose.
 """
 import argparse
 import importlib
@@ -22,9 +24,15 @@ from .timing import measure
 OPS = ["gated_attention", "sinkhorn"]
 
 
+DEFAULT_OUT = "build/bench-results"
+
+
 def device_name(device):
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.machine()}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    if device == "cuda":
+        from musetalk_fast.kernels.tuning import gpu_name
+
+        return gpu_name()
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"cpu-{platform.machine()}")
 
 
 def roofline_fraction(case, median_ms, peaks):
@@ -109,7 +117,7 @@ def write_chart(rows, path, title):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="*", default=OPS, choices=OPS)
-    parser.add_argument("--out", default="bench/results", help="folder for <device>.json and <device>.png")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for <device>.json and <device>.png")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,6 +154,7 @@ def main(argv=None):
         print(f"wrote {out_dir / (stem + '.png')}")
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib, or the [bench] extra)")
+    return result
 
 
 if __name__ == "__main__":
