@@ -1,6 +1,6 @@
 """musetalk_fast: Triton and CUDA kernels for gated/sparse attention, mHC and Engram.
 
-`import musetalk_fast` registers every op of shared/SPEC.md as torch.ops.musetalk_fast.<name>
+`import musetalk_fast` registers every op of docs/ops.md as torch.ops.musetalk_fast.<name>
 (schemas and CPU kernels from the C++ extension, fake impls, autograd and the Triton CUDA kernels
 from musetalk_fast.ops), and exposes them as plain functions in musetalk_fast.ops.
 """

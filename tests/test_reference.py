@@ -1,4 +1,4 @@
-"""The reference (the executable spec) against slow, literal loop versions of SPEC.md, tiny sizes."""
+"""The reference (the executable spec) against slow, literal loop versions of docs/ops.md, tiny sizes."""
 import math
 
 import torch

@@ -1,4 +1,4 @@
-"""Every op of SPEC.md is registered and runs on the CPU (C++ kernel or reference)."""
+"""Every op of docs/ops.md is registered and runs on the CPU (C++ kernel or reference)."""
 import re
 from pathlib import Path
 
@@ -9,12 +9,12 @@ import musetalk_fast
 from musetalk_fast import reference
 from tests.helpers import seeded as g
 
-SPEC_OPS = ["lightning_indexer", "fp8_quantize", "topk_indices", "lightning_indexer_topk", "sparse_attention",
+CONTRACT_OPS = ["lightning_indexer", "fp8_quantize", "topk_indices", "lightning_indexer_topk", "sparse_attention",
             "gated_attention", "sinkhorn", "mhc_pre", "mhc_post", "engram_hash", "engram_gather", "engram_lookup"]
 
 
 def test_every_spec_op_is_registered_and_exported():
-    for name in SPEC_OPS:
+    for name in CONTRACT_OPS:
         assert hasattr(torch.ops.musetalk_fast, name), name
         assert callable(getattr(musetalk_fast.ops, name)), name
         assert callable(getattr(reference, name)), name
@@ -24,7 +24,7 @@ def test_schema_file_defines_every_op_once():
     text = (Path(__file__).parents[1] / "csrc" / "registration.cpp").read_text()
     defined = re.findall(r'm\.def\("(\w+)\(', text)
     assert len(defined) == len(set(defined))
-    assert set(SPEC_OPS) <= set(defined)
+    assert set(CONTRACT_OPS) <= set(defined)
 
 
 def spec_calls():
@@ -60,7 +60,7 @@ def spec_calls():
     }
 
 
-@pytest.mark.parametrize("name", SPEC_OPS)
+@pytest.mark.parametrize("name", CONTRACT_OPS)
 def test_every_op_runs_on_cpu_and_matches_reference(name):
     args = spec_calls()[name]
     got = getattr(torch.ops.musetalk_fast, name)(*args)

@@ -1,7 +1,19 @@
-"""Every op as a plain Python function with autograd; importing registers fakes, autograd and
-the Triton CUDA kernels into torch.ops.musetalk_fast."""
-from .gated_attention import gated_attention  # noqa: F401
-from .reference_routed import (  # noqa: F401
+"""Every musetalk_fast op as a plain Python function with autograd (the same ops as
+torch.ops.musetalk_fast.<name>); importing this registers the fake impls, autograd and the Triton
+CUDA kernels. docs/ops.md is the full contract: shapes, dtypes, semantics and gradients.
+
+    gated_attention          sigmoid-gated SDPA, gate fused in the epilogue (Qwen gated attention)
+    sinkhorn                 doubly-stochastic projection of n x n logits (DeepSeek mHC)
+    mhc_pre, mhc_post        mHC stream mixing around a layer
+    lightning_indexer        DeepSeek Sparse Attention's FP8 indexer logits
+    fp8_quantize             per-row / per-block e4m3 quantisation
+    topk_indices             top-k key indices per row within [ks, ke)
+    lightning_indexer_topk   the indexer's top-k without the [T, S] logits
+    sparse_attention         attention over the selected keys only
+    engram_hash, engram_gather, engram_lookup   DeepSeek Engram hashed n-gram memory
+"""
+from .gated_attention import gated_attention
+from .reference_routed import (
     engram_gather,
     engram_hash,
     engram_lookup,
@@ -13,4 +25,9 @@ from .reference_routed import (  # noqa: F401
     sparse_attention,
     topk_indices,
 )
-from .sinkhorn import sinkhorn  # noqa: F401
+from .sinkhorn import sinkhorn
+
+__all__ = [
+    "gated_attention", "sinkhorn", "mhc_pre", "mhc_post", "lightning_indexer", "fp8_quantize", "topk_indices",
+    "lightning_indexer_topk", "sparse_attention", "engram_hash", "engram_gather", "engram_lookup",
+]
