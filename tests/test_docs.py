@@ -1,5 +1,7 @@
 """Every ```python block of the README and docs/ runs as written (each on its own, in a fresh namespace)."""
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,5 +21,8 @@ def test_readme_has_runnable_code():
 
 
 @pytest.mark.parametrize("code", list(python_blocks()))
-def test_code_block_runs(code):
-    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_example__"})
+def test_code_block_runs(code, monkeypatch):
+    # A real module, as a reader's script would be (torch.compile looks its globals' module up by name).
+    module = types.ModuleType("doc_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "<doc>", "exec"), module.__dict__)
