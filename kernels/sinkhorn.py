@@ -89,14 +89,14 @@ def _sinkhorn_heuristic(match):
     return dict(BLOCK_B=max(1, 2048 // (match["n"] * match["n"])), num_warps=4)
 
 
-def _sinkhorn_space(match_n):
-    base = max(1, 2048 // (match_n * match_n))
+def _sinkhorn_space(match):
+    """A quarter to twice the heuristic's matrices per program, for the key's padded n."""
+    base = _sinkhorn_heuristic(match)["BLOCK_B"]
     return [dict(BLOCK_B=max(1, base * f // 4), num_warps=w) for f in (1, 2, 4, 8) for w in (1, 2, 4, 8)]
 
 
 def _sinkhorn_configs(name):
-    # The search space depends on n; the tuner gets n = 4's (mHC's), scaled for other n by the heuristic.
-    return KernelConfigs(name, space=_sinkhorn_space(4), heuristic=_sinkhorn_heuristic, smallest=_sinkhorn_heuristic)
+    return KernelConfigs(name, space=_sinkhorn_space, heuristic=_sinkhorn_heuristic, smallest=_sinkhorn_heuristic)
 
 
 FWD = _sinkhorn_configs("sinkhorn_fwd")

@@ -80,7 +80,8 @@ def table_for(device):
 class KernelConfigs:
     """Launch configs of one Triton kernel.
 
-    space:     every config the tuner may try (dicts of constexprs and num_warps/num_stages);
+    space:     every config the tuner may try (dicts of constexprs and num_warps/num_stages), or
+               key -> that list where it depends on the key;
     heuristic: key -> config, used when no table entry matches;
     smallest:  key -> the config that runs everywhere (when another does not fit; Triton's interpreter);
     shared:    (config, key) -> estimated shared-memory bytes, to shrink the heuristic to the GPU.
@@ -150,8 +151,9 @@ class KernelConfigs:
         """Time every config of the space on this key; keep (and record) the fastest."""
         import triton.testing
 
+        space = self.space(match) if callable(self.space) else self.space
         timings = []
-        for config in self.space:
+        for config in space:
             try:
                 ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=25)
             except Exception as error:  # a config this GPU cannot run (shared memory, registers)
@@ -163,7 +165,7 @@ class KernelConfigs:
             return self.smallest(match)
         ms, config = min(timings, key=lambda t: t[0])
         table.add(self.name, {"match": match, "sizes": sizes, "config": config, "ms": round(ms, 5),
-                              "from": f"tuned over {len(self.space)} configs"})
+                              "from": f"tuned over {len(space)} configs"})
         return config
 
 
