@@ -86,9 +86,12 @@ def _fwd_config(match):
 
 def _bwd_config(match):
     """The fused backward keeps a key block's K, V, dK, dV (fp32) resident: 128-key blocks (half the
-    dQ atomics of 64) against 32-row query blocks at D <= 64, 16-row ones above; 8 warps, one stage.
-    From the sm_90 compile report, not yet measured: at D64 219-224 registers and no spill; at D128
-    every tile of the space spills at 8 warps, these the least (56 B full, 176 B causal, per thread)."""
+    dQ atomics of 64) against 32-row query blocks at D <= 64, 16-row ones at D128, 16 x 64 at D256
+    (128 keys of dK, dV at D256 alone fill the register file); 8 warps, one stage. From the sm_90
+    compile report, not yet measured: no spill at 16-bit D64 (198-201 registers) and D128 (249-253);
+    D256 216-248 B of stack (1.1 KB at 128-key blocks)."""
+    if match["D"] > 128:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)
     if match["D"] <= 64:
         return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)
     return dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)
@@ -343,29 +346,28 @@ def gated_attention_bwd_preprocess_kernel(
 def _bwd_inner(dk, dv, k, v, keys, q_src, dy_src, g_base, lse_base, delta_base, dq_base,
                sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, sa_l, dims, lo, hi, L, qk_scale, scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
                ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """One query head's query blocks [lo, hi) against the key block: dK, dV accumulate in registers;
-    with ATOMIC_DQ, dQ += scale * dS K goes to the fp32 buffer by atomic adds."""
+    with ATOMIC_DQ, dQ += scale * dS K goes to the fp32 buffer by atomic adds. Every block is masked
+    (ragged end, causal diagonal): one copy of the loop. Three copies specialised as the forward's
+    (masked diagonal, unmasked middle, masked tail) kept registers alive across them and spilled at
+    D128 in every tile of the search space (56-1072 B per thread, sm_90 report); one masked loop does
+    not spill at 16 x 128 tiles, 8 warps, and a mask costs a few operations per P element."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_src, start_m, L, sq_l, sq_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
-        dy = _load_rows(dy_src, start_m, L, sdy_l, sdy_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
-        gate = _load_tile(g_base, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, MASKED)
+        q = _load_rows(q_src, start_m, L, sq_l, sq_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, True, USE_TMA)
+        dy = _load_rows(dy_src, start_m, L, sdy_l, sdy_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, True, USE_TMA)
+        gate = _load_tile(g_base, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
         d_out = (dy.to(ACC) * tl.sigmoid(gate.to(ACC))).to(q.dtype)  # dO = dY * s, fused into the load
-        if MASKED:
-            lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
-            delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
-        else:
-            lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
+        lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(scores_t - lse[None, :] * LOG2E_)
-        if MASKED:
-            allowed = (rows < L)[None, :]
-            if IS_CAUSAL:
-                allowed = allowed & (keys[:, None] <= rows[None, :])
-            p_t = tl.where(allowed, p_t, 0.0)
+        allowed = (rows < L)[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (keys[:, None] <= rows[None, :])
+        p_t = tl.where(allowed, p_t, 0.0)
         dv += tl.dot(p_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # softmax backward: dS = P * (dP - rowsum(dO * O))
@@ -411,16 +413,9 @@ def gated_attention_bwd_kernel(
     v = _load_rows(v_src, start_n, S, sv_s, sv_d, dims, BLOCK_N, HEAD_DIM, BLOCK_D, True, USE_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    # Query blocks: [lo, mid) masked (causal diagonal), [mid, full_hi) unmasked, [tail, L) masked
-    # (ragged end). Queries before lo see none of these keys (top-left causal).
-    full_hi = (L // BLOCK_M) * BLOCK_M
     lo = 0
-    mid = 0
-    if IS_CAUSAL:
+    if IS_CAUSAL:  # queries before the key block's first key see none of it (top-left causal)
         lo = (start_n // BLOCK_M) * BLOCK_M
-        first_unmasked = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
-        mid = tl.maximum(lo, tl.minimum(first_unmasked, full_hi))
-    tail = tl.maximum(mid, full_hi)
     for g in range(GROUP):
         h = kv_h * GROUP + g
         q_src = _rows_source(Q + b * sq_b + h * sq_h + q_start * sq_l, L, sq_l, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
@@ -431,14 +426,8 @@ def gated_attention_bwd_kernel(
         delta_base = Delta + b * sl_b + h * sl_h + q_start
         dq_base = dQacc + b * sa_b + h * sa_h + q_start * sa_l
         dk, dv = _bwd_inner(dk, dv, k, v, keys, q_src, dy_src, g_base, lse_base, delta_base, dq_base,
-                            sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, sa_l, dims, lo, mid, L, qk_scale, scale,
-                            HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True, ACC, ATOMIC_DQ, USE_TMA)
-        dk, dv = _bwd_inner(dk, dv, k, v, keys, q_src, dy_src, g_base, lse_base, delta_base, dq_base,
-                            sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, sa_l, dims, mid, full_hi, L, qk_scale, scale,
-                            HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, False, ACC, ATOMIC_DQ, USE_TMA)
-        dk, dv = _bwd_inner(dk, dv, k, v, keys, q_src, dy_src, g_base, lse_base, delta_base, dq_base,
-                            sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, sa_l, dims, tail, L, L, qk_scale, scale,
-                            HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True, ACC, ATOMIC_DQ, USE_TMA)
+                            sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, sa_l, dims, lo, L, L, qk_scale, scale,
+                            HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, ACC, ATOMIC_DQ, USE_TMA)
     dk_src = _rows_source(dK + b * sdk_b + kv_h * sdk_h + k_start * sdk_s, S, sdk_s, BLOCK_N, HEAD_DIM, BLOCK_D,
                           USE_TMA)
     dv_src = _rows_source(dV + b * sdk_b + kv_h * sdk_h + k_start * sdk_s, S, sdk_s, BLOCK_N, HEAD_DIM, BLOCK_D,

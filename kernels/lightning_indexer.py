@@ -171,13 +171,25 @@ def fp8_quantize_kernel(x_ptr, out_ptr, scale_ptr, blocks, size,
 # Launch configs --------------------------------------------------------------------------------
 
 
-def _indexer_heuristic(match):
-    """About 128 (query, head) rows per program: the M of one Hopper wgmma pair; key tiles of 128 (64 for
-    the exact fp32/fp64 paths, which do not use fp8/bf16 tensor cores)."""
-    rows = 128 if match["dtype"] in ("fp8", "bf16", "fp16") else 64
-    block_s = 128 if rows == 128 else 32
-    return dict(BLOCK_T=max(1, rows // match["HP"]), BLOCK_S=block_s, num_warps=8 if rows == 128 else 4,
-                num_stages=3 if rows == 128 else 2)
+def _indexer_heuristic(kind):
+    """About 128 (query, head) rows per program: the M of one Hopper wgmma pair; key tiles of 128 (32 for
+    the exact fp32/fp64 paths, which do not use fp8/bf16 tensor cores). Where the sm_90 compile report
+    showed a stack frame at fp8/bf16/fp16 the tiles shrink (not yet measured on a GPU; every choice below
+    compiles without a stack there): with few heads (HP < 32) a block holds many queries, whose
+    [BLOCK_T, BLOCK_S] logits and gradients take 64-key tiles (fwd, dq; dq also 64 rows at H1); the dk
+    kernel keeps dK [BLOCK_S, D] and a [BLOCK_S, rows] score tile resident: 64 rows x 64 keys, 32 keys
+    over 4 warps at H128."""
+    def heuristic(match):
+        hp = match["HP"]
+        if match["dtype"] not in ("fp8", "bf16", "fp16"):
+            return dict(BLOCK_T=max(1, 64 // hp), BLOCK_S=32, num_warps=4, num_stages=2)
+        if kind == "dk":
+            rows, block_s, warps = max(64, hp), 64 if hp <= 64 else 32, 8 if hp <= 64 else 4
+        else:
+            rows, block_s, warps = 64 if kind == "dq" and hp == 1 else 128, 128 if hp >= 32 else 64, 8
+        return dict(BLOCK_T=max(1, rows // hp), BLOCK_S=block_s, num_warps=warps, num_stages=3)
+
+    return heuristic
 
 
 def _indexer_smallest(match):
@@ -201,14 +213,14 @@ def _indexer_shared(config, match):
     return (rows + config.get("num_stages", 1) * config["BLOCK_S"]) * match["D"] * _element_bytes(match)
 
 
-def _indexer_configs(name):
-    return KernelConfigs(name, space=_indexer_space, heuristic=_indexer_heuristic, smallest=_indexer_smallest,
+def _indexer_configs(name, kind):
+    return KernelConfigs(name, space=_indexer_space, heuristic=_indexer_heuristic(kind), smallest=_indexer_smallest,
                          shared=_indexer_shared)
 
 
-FWD = _indexer_configs("lightning_indexer_fwd")
-BWD_DQ = _indexer_configs("lightning_indexer_bwd_dq")
-BWD_DK = _indexer_configs("lightning_indexer_bwd_dk")
+FWD = _indexer_configs("lightning_indexer_fwd", "fwd")
+BWD_DQ = _indexer_configs("lightning_indexer_bwd_dq", "dq")
+BWD_DK = _indexer_configs("lightning_indexer_bwd_dk", "dk")
 QUANTIZE = KernelConfigs("fp8_quantize", space=[dict(BLOCK_R=r, CHUNK=c, num_warps=w) for r in (1, 4, 16)
                                                 for c in (128, 512) for w in (2, 4)],
                          heuristic=lambda match: dict(BLOCK_R=4, CHUNK=128, num_warps=4),

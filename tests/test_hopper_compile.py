@@ -29,6 +29,15 @@ def test_kernels_compile_for_sm90():
         assert fields[-3] == "0", f"register spill: {line}"
         if line.startswith(("sinkhorn", "mhc")):  # and no spill into the stack frame either
             assert fields[-4] == "0", f"stack spill: {line}"
+    # The fused attention backward's heuristic tiles at 16-bit D128 (the bench shapes' head dim) keep
+    # K, V, dK, dV and the loop's tiles in registers: no stack frame.
+    from musetalk_fast.kernels.gated_attention import _bwd_config
+    for dtype, head_dim in (("bf16", 128), ("fp16", 128)):
+        config = _bwd_config({"dtype": dtype, "D": head_dim})
+        tiles = f"M{config['BLOCK_M']} N{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}"
+        heuristic = [line for line in lines if line.startswith(f"gated_attention bwd {dtype} D{head_dim} ")
+                     and tiles in line]
+        assert heuristic and all(line.split()[-4] == "0" for line in heuristic), (tiles, heuristic)
     assert {line.split()[1] + " " + line.split()[2] for line in lines if line.startswith("mhc")} >= {
         "pre fwd", "post fwd", "post bwd", "pre bwd"}
     # The lightning indexer's fp8 x fp8 tl.dot (and the fused top-k's) runs on wgmma too.
