@@ -302,18 +302,23 @@ def _sparse_attention_specs(quick):
         data, stats = TRITON_TYPES[dtype], "*fp64" if dtype == "fp64" else "*fp32"
         pointers = {**{n: data for n in ("Q", "K", "V", "Out", "DOut", "DQ")}, "Idx": "*i32", "Order": "*i64",
                     "Offsets": "*i64", **{n: stats for n in ("Lse", "DLse", "DK", "DV", "PBuf", "DSBuf")}}
-        block = lambda n: max(sa.triton.next_power_of_2(n), 16)  # noqa: E731
-        match = dict(dtype=dtype, H=sa.head_block(group, block(qk_dim), block(v_dim), dtype in ("fp32", "fp64")),
-                     Dqk=block(qk_dim), Dv=block(v_dim))
-        constexprs = dict(QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_DQK=match["Dqk"], BLOCK_DV=match["Dv"],
+        block_dqk, block_dt = sa.qk_blocks(qk_dim)
+        block_dv = max(sa.triton.next_power_of_2(v_dim), 16)
+        match = dict(dtype=dtype, H=sa.head_block(group, block_dqk + block_dt, block_dv, dtype in ("fp32", "fp64")),
+                     Dqk=block_dqk + block_dt, Dv=block_dv)
+        constexprs = dict(QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
                           ACC=tl.float64 if dtype == "fp64" else tl.float32)
         dot = dict(DOT_PRECISION="tf32" if dtype in ("bf16", "fp16") else "ieee")
         label = f"sparse_attention {{}} {dtype} G{group}/{match['H']} D{qk_dim}/{v_dim}"
         for name, configs, kernel, extra in (
-                ("fwd", sa.FWD, sa.sparse_attention_fwd_kernel, dict(dot, BLOCK_H=match["H"], KEYS_AS_M=False)),
-                ("bwd", sa.BWD, sa.sparse_attention_bwd_kernel, dict(dot, BLOCK_H=match["H"], DETERMINISTIC=False)),
-                ("bwd_det", sa.BWD, sa.sparse_attention_bwd_kernel, dict(dot, BLOCK_H=match["H"], DETERMINISTIC=True)),
-                ("bwd_dkdv_det", sa.DKDV, sa.sparse_attention_bwd_dkdv_kernel, dict(BLOCK_H=min(match["H"], 16)))):
+                ("fwd", sa.FWD, sa.sparse_attention_fwd_kernel,
+                 dict(dot, BLOCK_H=match["H"], KEYS_AS_M=False, BLOCK_DT=block_dt)),
+                ("bwd", sa.BWD, sa.sparse_attention_bwd_kernel,
+                 dict(dot, BLOCK_H=match["H"], DETERMINISTIC=False, BLOCK_DT=block_dt)),
+                ("bwd_det", sa.BWD, sa.sparse_attention_bwd_kernel,
+                 dict(dot, BLOCK_H=match["H"], DETERMINISTIC=True, BLOCK_DT=block_dt)),
+                ("bwd_dkdv_det", sa.DKDV, sa.sparse_attention_bwd_dkdv_kernel,
+                 dict(BLOCK_H=min(match["H"], 16), BLOCK_DQK=max(sa.triton.next_power_of_2(qk_dim), 16)))):
             config = configs.heuristic_config(match, H100_SHARED_BYTES)
             blocks = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
             divisible = [arg for arg in kernel.arg_names if arg in pointers or arg in SPARSE_ATTENTION_STRIDES]

@@ -21,6 +21,9 @@ dq is summed in the program; dk and dv rows are shared between tokens, so either
     that fixed order. It costs the P/dS buffers (8 * T * Hq * K bytes) and a sort.
 
 Dqk != Dv: k and v may be views of one tensor (MLA's kv[..., :576] and kv[..., :512]): any strides.
+A Dqk that is not a power of two is a power-of-two main block plus a power-of-two tail (qk_blocks: MLA's
+576 = 512 + 64), each its own tl.dot, instead of one block padded to the next power of two (1024 for
+576: 44% of the score matmuls on zero columns, and a backward that spilled registers).
 """
 import torch
 import triton
@@ -101,15 +104,43 @@ def _gather(base, keys, valid, stride_row, dims, DIM: tl.constexpr):
 
 @triton.jit
 def _key_tile(Idx, idx_base, s_idx_j, start, TOPK, S, k_base, v_base, sk_s, sv_s, dqk, dv,
-              QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The slots [start, start + BLOCK_K) of the index list: (valid, keys, k rows, v rows)."""
+              QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
+              BLOCK_DT: tl.constexpr):
+    """The slots [start, start + BLOCK_K) of the index list: (valid, keys, k rows, k's tail columns
+    (k itself, unused, when there is no tail), v rows)."""
     slots = start + tl.arange(0, BLOCK_K)
     idx = tl.load(Idx + idx_base + slots * s_idx_j, mask=slots < TOPK, other=-1)
     valid = (idx >= 0) & (idx < S)
     keys = tl.where(valid, idx, 0).to(tl.int64)
     k = _gather(k_base, keys, valid, sk_s, dqk, QK_DIM)
+    k_tail = k
+    if BLOCK_DT > 0:
+        k_tail = _gather(k_base + BLOCK_DQK, keys, valid, sk_s, tl.arange(0, BLOCK_DT), QK_DIM - BLOCK_DQK)
     v = _gather(v_base, keys, valid, sv_s, dv, V_DIM)
-    return slots, valid, keys, k, v
+    return slots, valid, keys, k, k_tail, v
+
+
+@triton.jit
+def _query_rows(Q, t, sq_t, sq_h, rows, head_ok, dqk, QK_DIM: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                BLOCK_DT: tl.constexpr):
+    """The group's query rows [BLOCK_H, BLOCK_DQK] and their tail columns (q itself when none)."""
+    base = Q + t * sq_t + rows[:, None] * sq_h
+    q = tl.load(base + dqk[None, :], mask=head_ok[:, None] & (dqk < QK_DIM)[None, :], other=0.0)
+    q_tail = q
+    if BLOCK_DT > 0:
+        dt = tl.arange(0, BLOCK_DT)
+        q_tail = tl.load(base + BLOCK_DQK + dt[None, :], mask=head_ok[:, None] & (dt < QK_DIM - BLOCK_DQK)[None, :],
+                         other=0.0)
+    return q, q_tail
+
+
+@triton.jit
+def _scores(a, a_tail, b, b_tail, BLOCK_DT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b^T over the head dim, main block plus tail."""
+    scores = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+    if BLOCK_DT > 0:
+        scores += tl.dot(a_tail, tl.trans(b_tail), input_precision=DOT_PRECISION)
+    return scores
 
 
 @triton.jit
@@ -119,7 +150,7 @@ def sparse_attention_fwd_kernel(
     TOPK, S, GROUP, qk_scale,  # qk_scale = sm_scale * log2(e): the softmax runs in base 2
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KEYS_AS_M: tl.constexpr,
+    KEYS_AS_M: tl.constexpr, BLOCK_DT: tl.constexpr = 0,
 ):
     t = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors may pass 2^31 elements
     g = tl.program_id(1).to(tl.int64)
@@ -129,8 +160,7 @@ def sparse_attention_fwd_kernel(
     rows = g * GROUP + heads  # the group's query heads
     dqk = tl.arange(0, BLOCK_DQK)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + t * sq_t + rows[:, None] * sq_h + dqk[None, :], mask=head_ok[:, None] & (dqk < QK_DIM)[None, :],
-                other=0.0)
+    q, q_tail = _query_rows(Q, t, sq_t, sq_h, rows, head_ok, dqk, QK_DIM, BLOCK_DQK, BLOCK_DT)
     k_base = K + g * sk_h
     v_base = V + g * sv_h
     idx_base = t * s_idx_t + g * s_idx_h
@@ -142,10 +172,10 @@ def sparse_attention_fwd_kernel(
     else:
         acc = tl.zeros([BLOCK_H, BLOCK_DV], ACC)
     for start in tl.range(0, TOPK, BLOCK_K):
-        slots, valid, keys, k, v = _key_tile(Idx, idx_base, s_idx_j, start, TOPK, S, k_base, v_base, sk_s,
-                                             sv_s, dqk, dv, QK_DIM, V_DIM, BLOCK_K)
+        slots, valid, keys, k, k_tail, v = _key_tile(Idx, idx_base, s_idx_j, start, TOPK, S, k_base, v_base,
+                                                     sk_s, sv_s, dqk, dv, QK_DIM, V_DIM, BLOCK_K, BLOCK_DQK, BLOCK_DT)
         if KEYS_AS_M:  # S^T = K Q^T [BLOCK_K, BLOCK_H], O^T += V^T P^T [BLOCK_DV, BLOCK_H]
-            scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+            scores = _scores(k, k_tail, q, q_tail, BLOCK_DT, DOT_PRECISION).to(ACC) * qk_scale
             scores = tl.where(valid[:, None], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet
@@ -154,7 +184,7 @@ def sparse_attention_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION).to(ACC)
         else:  # S = Q K^T [BLOCK_H, BLOCK_K], O += P V [BLOCK_H, BLOCK_DV]
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+            scores = _scores(q, q_tail, k, k_tail, BLOCK_DT, DOT_PRECISION).to(ACC) * qk_scale
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -183,7 +213,7 @@ def sparse_attention_bwd_kernel(
     TOPK, S, GROUP, qk_scale, sm_scale,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, BLOCK_DT: tl.constexpr = 0,
 ):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
@@ -197,7 +227,7 @@ def sparse_attention_bwd_kernel(
     dv = tl.arange(0, BLOCK_DV)
     qk_mask = head_ok[:, None] & (dqk < QK_DIM)[None, :]
     v_mask = head_ok[:, None] & (dv < V_DIM)[None, :]
-    q = tl.load(Q + t * sq_t + rows[:, None] * sq_h + dqk[None, :], mask=qk_mask, other=0.0)
+    q, q_tail = _query_rows(Q, t, sq_t, sq_h, rows, head_ok, dqk, QK_DIM, BLOCK_DQK, BLOCK_DT)
     d_out = tl.load(DOut + t * sdo_t + rows[:, None] * sdo_h + dv[None, :], mask=v_mask, other=0.0)
     out = tl.load(Out + out_rows[:, None] * V_DIM + dv[None, :], mask=v_mask, other=0.0)
     delta = tl.sum(d_out.to(ACC) * out.to(ACC), axis=1) - tl.load(DLse + out_rows, mask=head_ok, other=0.0).to(ACC)
@@ -208,14 +238,19 @@ def sparse_attention_bwd_kernel(
     idx_base = t * s_idx_t + g * s_idx_h
 
     dq = tl.zeros([BLOCK_H, BLOCK_DQK], ACC)
+    dq_tail = dq  # the tail columns' dq (unused without a tail)
+    if BLOCK_DT > 0:
+        dq_tail = tl.zeros([BLOCK_H, BLOCK_DT], ACC)
     for start in tl.range(0, TOPK, BLOCK_K):
-        slots, valid, keys, k, v = _key_tile(Idx, idx_base, s_idx_j, start, TOPK, S, k_base, v_base, sk_s,
-                                             sv_s, dqk, dv, QK_DIM, V_DIM, BLOCK_K)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC) * qk_scale
+        slots, valid, keys, k, k_tail, v = _key_tile(Idx, idx_base, s_idx_j, start, TOPK, S, k_base, v_base,
+                                                     sk_s, sv_s, dqk, dv, QK_DIM, V_DIM, BLOCK_K, BLOCK_DQK, BLOCK_DT)
+        scores = _scores(q, q_tail, k, k_tail, BLOCK_DT, DOT_PRECISION).to(ACC) * qk_scale
         p = tl.where(valid[None, :], tl.math.exp2(scores - lse2[:, None]), 0.0)  # [BLOCK_H, BLOCK_K]
         dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION).to(ACC)
         ds = p * (dp - delta[:, None]) * sm_scale
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC)
+        if BLOCK_DT > 0:
+            dq_tail += tl.dot(ds.to(k.dtype), k_tail, input_precision=DOT_PRECISION).to(ACC)
         if DETERMINISTIC:  # P and dS of each (slot, head), summed per key by the segment kernel
             buf = (t * kv_heads + g) * TOPK * GROUP + slots[:, None] * GROUP + heads[None, :]
             keep = (slots < TOPK)[:, None] & head_ok[None, :]
@@ -227,9 +262,18 @@ def sparse_attention_bwd_kernel(
             kv_row = keys * kv_heads + g  # rows of the contiguous [S, Hkv, D] gradient buffers
             tl.atomic_add(DK + kv_row[:, None] * QK_DIM + dqk[None, :], dk_tile,
                           mask=valid[:, None] & (dqk < QK_DIM)[None, :], sem="relaxed")
+            if BLOCK_DT > 0:
+                dt = tl.arange(0, BLOCK_DT)
+                dk_tail = tl.dot(tl.trans(ds.to(q.dtype)), q_tail, input_precision=DOT_PRECISION).to(ACC)
+                tl.atomic_add(DK + kv_row[:, None] * QK_DIM + BLOCK_DQK + dt[None, :], dk_tail,
+                              mask=valid[:, None] & (dt < QK_DIM - BLOCK_DQK)[None, :], sem="relaxed")
             tl.atomic_add(DV + kv_row[:, None] * V_DIM + dv[None, :], dv_tile,
                           mask=valid[:, None] & (dv < V_DIM)[None, :], sem="relaxed")
     tl.store(DQ + out_rows[:, None] * QK_DIM + dqk[None, :], dq.to(DQ.dtype.element_ty), mask=qk_mask)
+    if BLOCK_DT > 0:
+        dt = tl.arange(0, BLOCK_DT)
+        tl.store(DQ + out_rows[:, None] * QK_DIM + BLOCK_DQK + dt[None, :], dq_tail.to(DQ.dtype.element_ty),
+                 mask=head_ok[:, None] & (dt < QK_DIM - BLOCK_DQK)[None, :])
 
 
 @triton.jit
@@ -280,6 +324,14 @@ def _row_strides(x):
     return x, x.stride(0), x.stride(1)
 
 
+def qk_blocks(qk_dim):
+    """(BLOCK_DQK, BLOCK_DT): the q.k head dim as a power-of-two main block (at least 16, tl.dot's least)
+    and a power-of-two tail block for the rest (0 when there is none): 576 -> (512, 64), 128 -> (128, 0)."""
+    main = max(16, 1 << (max(qk_dim, 1).bit_length() - 1))
+    rest = qk_dim - main
+    return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
 def head_block(group, block_dqk, block_dv, full_precision):
     """Query heads per program (the M of its matmuls, at least 16 for tl.dot): the whole group, so each
     key tile is gathered once for all of it, up to 64 heads at head dims up to 256 (the H100's shared
@@ -296,15 +348,16 @@ def _common(q, k, v, indices, sm_scale):
     group = q_heads // kv_heads
     sm_scale = qk_dim**-0.5 if sm_scale is None else sm_scale
     exact = q.dtype == torch.float64  # float64 (gradcheck on the GPU): float64 accumulation, FMA matmuls
-    block_dqk, block_dv = max(triton.next_power_of_2(qk_dim), 16), max(triton.next_power_of_2(v_dim), 16)
+    block_dqk, block_dt = qk_blocks(qk_dim)
+    block_dv = max(triton.next_power_of_2(v_dim), 16)
     full_precision = q.dtype in (torch.float32, torch.float64)
     meta = dict(
-        QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_H=head_block(group, block_dqk, block_dv, full_precision),
-        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_H=head_block(group, block_dqk + block_dt, block_dv, full_precision),
+        BLOCK_DQK=block_dqk, BLOCK_DT=block_dt, BLOCK_DV=block_dv,
         ACC=tl.float64 if exact else tl.float32,
         DOT_PRECISION="tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee",
     )
-    match = dict(dtype=DTYPE_NAMES[q.dtype], H=meta["BLOCK_H"], Dqk=meta["BLOCK_DQK"], Dv=meta["BLOCK_DV"])
+    match = dict(dtype=DTYPE_NAMES[q.dtype], H=meta["BLOCK_H"], Dqk=block_dqk + block_dt, Dv=block_dv)
     return tokens, q_heads, kv_heads, group, sm_scale, meta, match
 
 
@@ -376,7 +429,8 @@ def sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, sm
             sparse_attention_bwd_dkdv_kernel[(num_keys, kv_heads)](
                 q, grad_out, p_buf, ds_buf, order, offsets, dk, dv, sq_t, sq_h, sdo_t, sdo_h, topk, tokens, group,
                 QK_DIM=meta["QK_DIM"], V_DIM=meta["V_DIM"], BLOCK_H=min(meta["BLOCK_H"], 16),
-                BLOCK_DQK=meta["BLOCK_DQK"], BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], **constexprs, **options,
+                BLOCK_DQK=max(triton.next_power_of_2(meta["QK_DIM"]), 16), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"],
+                **constexprs, **options,
             )
 
         DKDV.launch(run_dkdv, q.device, dict(dtype=match["dtype"], Dqk=match["Dqk"], Dv=match["Dv"]))
