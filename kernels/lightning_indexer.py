@@ -172,8 +172,8 @@ def fp8_quantize_kernel(x_ptr, out_ptr, scale_ptr, blocks, size,
 
 
 def _indexer_heuristic(kind):
-    """About 128 (query, head) rows per program: the M of one Hopper wgmma pair; key tiles of 128 (32 for
-    the exact fp32/fp64 paths, which do not use fp8/bf16 tensor cores). Where the sm_90 compile report
+    """About 128 (query, head) rows per program: the M of one Hopper wgmma pair; key tiles of 128 (the
+    exact fp32/fp64 paths, which do not use tensor cores: 32 rows, 32 keys, 16 past 32 heads). Where the sm_90 compile report
     showed a stack frame at fp8/bf16/fp16 the tiles shrink (not yet measured on a GPU; every choice below
     compiles without a stack there): with few heads (HP < 32) a block holds many queries, whose
     [BLOCK_T, BLOCK_S] logits and gradients take 64-key tiles (fwd, dq; dq also 64 rows at H1); the dk
@@ -181,8 +181,9 @@ def _indexer_heuristic(kind):
     over 4 warps at H128."""
     def heuristic(match):
         hp = match["HP"]
-        if match["dtype"] not in ("fp8", "bf16", "fp16"):
-            return dict(BLOCK_T=max(1, 64 // hp), BLOCK_S=32, num_warps=4, num_stages=2)
+        if match["dtype"] not in ("fp8", "bf16", "fp16"):  # FMA matmuls: 32 rows (or one query's heads)
+            block_s = 32 if hp <= 32 else 16
+            return dict(BLOCK_T=max(1, 32 // hp), BLOCK_S=block_s, num_warps=8, num_stages=2 if block_s == 32 else 1)
         if kind == "dk":
             rows, block_s, warps = max(64, hp), 64 if hp <= 64 else 32, 8 if hp <= 64 else 4
         else:

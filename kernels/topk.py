@@ -12,9 +12,9 @@ writing passes), so any row length and any k.
 
 lightning_indexer_topk: a program computes the logits of BLOCK_T queries one key tile at a time (the
 indexer's tile math, kernels/lightning_indexer.py) and keeps, per query, a candidate buffer of CAP >=
-k + BLOCK_S (value, index) pairs in global memory, O(T * k) in all. A tile appends its logits above the
-query's threshold; when a query's buffer would overflow, it is compacted to its top k and the threshold
-becomes the k-th value. The [T, S] logits never exist.
+k + BLOCK_S (value, index) pairs in global memory, twice (O(T * k) in all). A tile appends its logits above
+the query's threshold; when a query's buffer would overflow, its top k are selected into the other buffer
+(the same radix select, in chunks) and the threshold becomes the k-th value. The [T, S] logits never exist.
 """
 import torch
 import triton
@@ -54,23 +54,62 @@ def _pick_digit(hist, remaining):
 
 
 @triton.jit
-def _select_in_tile(key, valid, k, KEY_BITS: tl.constexpr):
-    """For a 1D tile of keys: (keep, position) of its k largest valid keys (all valid ones if fewer)."""
-    prefix = tl.full((), 0, key.dtype)  # the k-th largest key, 8 bits per step from the top
+def _kth_key(val_ptr, lo, hi, k, IS_FP64: tl.constexpr, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """The key of the k-th largest valid value of val_ptr[lo:hi], 8 bits per pass over it (a 256-bin
+    histogram of the next digit of the keys that match the digits found so far); 0 (every valid key
+    is taken) when there are k or fewer."""
+    key_type = tl.uint64 if IS_FP64 else tl.uint32
+    prefix = tl.full((), 0, key_type)
     remaining = k
+    valid_count = 0
     for step in tl.static_range(KEY_BITS // 8):
         shift = KEY_BITS - 8 * (step + 1)
-        high = (key >> (shift + 8)) == (prefix >> (shift + 8)) if step > 0 else valid
-        digit_of = ((key >> shift) & 0xFF).to(tl.int32)
-        digit, above = _pick_digit(tl.histogram(digit_of, 256, mask=valid & high), remaining)
-        prefix = prefix | (digit.to(key.dtype) << shift)
+        hist = tl.zeros((256,), dtype=tl.int32)
+        for start in tl.range(lo, hi, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            x = tl.load(val_ptr + cols, mask=cols < hi, other=float("nan"))
+            key = _order_key(x, IS_FP64)
+            match = _is_valid(x)
+            if step > 0:
+                match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=match)
+        if step == 0:
+            valid_count = tl.sum(hist, axis=0)
+        digit, above = _pick_digit(hist, remaining)
+        prefix = prefix | (digit.to(key_type) << shift)
         remaining -= above
-    prefix = tl.where(tl.sum(valid.to(tl.int32), axis=0) > k, prefix, 0)  # k or fewer: take every valid key
-    above = valid & (key > prefix)
-    ties = valid & (key == prefix)
-    tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
-    keep = above | (ties & (tie_rank < k - tl.sum(above.to(tl.int32), axis=0)))
-    return keep, tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    return tl.where(valid_count > k, prefix, 0)
+
+
+@triton.jit
+def _write_top(val_ptr, idx_ptr, lo, hi, prefix, k, out_idx_ptr, out_val_ptr, IS_FP64: tl.constexpr,
+               FROM_BUFFER: tl.constexpr, WRITE_VALUES: tl.constexpr, CHUNK: tl.constexpr):
+    """Write the indices of val_ptr[lo:hi]'s valid values whose key is above prefix, then of those equal
+    to it in index order until k, to out_idx_ptr[0:k]: idx_ptr[i] when FROM_BUFFER, else i; with
+    WRITE_VALUES the values too, to out_val_ptr. Returns the smallest value written."""
+    written = 0
+    smallest = tl.full((), float("inf"), val_ptr.dtype.element_ty)
+    for ties in tl.static_range(2):  # pass 0: above the threshold; pass 1: ties at it
+        for start in tl.range(lo, hi, CHUNK):
+            cols = start + tl.arange(0, CHUNK)
+            x = tl.load(val_ptr + cols, mask=cols < hi, other=float("nan"))
+            key = _order_key(x, IS_FP64)
+            if ties == 0:
+                take = _is_valid(x) & (key > prefix)
+            else:
+                take = _is_valid(x) & (key == prefix)
+            position = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            if ties == 1:
+                take = take & (position < k)
+            if FROM_BUFFER:
+                tl.store(out_idx_ptr + position, tl.load(idx_ptr + cols, mask=take, other=-1), mask=take)
+            else:
+                tl.store(out_idx_ptr + position, cols, mask=take)
+            if WRITE_VALUES:
+                tl.store(out_val_ptr + position, x, mask=take)
+            smallest = tl.minimum(smallest, tl.min(tl.where(take, x, float("inf")), axis=0))
+            written += tl.sum(take.to(tl.int32), axis=0)
+    return smallest
 
 
 @triton.jit
@@ -85,47 +124,10 @@ def topk_indices_kernel(logits_ptr, ks_ptr, ke_ptr, out_ptr, S, k, stride_row,
     if HAS_KE:
         hi = tl.load(ke_ptr + row)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    key_type = tl.uint64 if IS_FP64 else tl.uint32
-    # The k-th largest valid key, 8 bits per pass over the row (a 256-bin histogram of the next digit of
-    # the keys that match the digits found so far).
-    prefix = tl.full((), 0, key_type)
-    remaining = k
-    valid_count = 0
-    for step in tl.static_range(KEY_BITS // 8):
-        shift = KEY_BITS - 8 * (step + 1)
-        hist = tl.zeros((256,), dtype=tl.int32)
-        for start in tl.range(lo, hi, CHUNK):
-            cols = start + tl.arange(0, CHUNK)
-            x = tl.load(row_ptr + cols, mask=cols < hi, other=float("nan"))
-            key = _order_key(x, IS_FP64)
-            match = _is_valid(x)
-            if step > 0:
-                match = match & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=match)
-        if step == 0:
-            valid_count = tl.sum(hist, axis=0)
-        digit, above = _pick_digit(hist, remaining)
-        prefix = prefix | (digit.to(key_type) << shift)
-        remaining -= above
-    prefix = tl.where(valid_count > k, prefix, 0)  # k or fewer valid keys: take them all
+    prefix = _kth_key(row_ptr, lo, hi, k, IS_FP64, KEY_BITS, CHUNK)
     # Everything above the threshold, then ties at it in index order until k.
-    out_row = out_ptr + row.to(tl.int64) * k
-    written = 0
-    for start in tl.range(lo, hi, CHUNK):
-        cols = start + tl.arange(0, CHUNK)
-        x = tl.load(row_ptr + cols, mask=cols < hi, other=float("nan"))
-        take = _is_valid(x) & (_order_key(x, IS_FP64) > prefix)
-        position = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_row + position, cols, mask=take)
-        written += tl.sum(take.to(tl.int32), axis=0)
-    for start in tl.range(lo, hi, CHUNK):
-        cols = start + tl.arange(0, CHUNK)
-        x = tl.load(row_ptr + cols, mask=cols < hi, other=float("nan"))
-        tie = _is_valid(x) & (_order_key(x, IS_FP64) == prefix)
-        position = written + tl.cumsum(tie.to(tl.int32), axis=0) - 1
-        take = tie & (position < k)
-        tl.store(out_row + position, cols, mask=take)
-        written += tl.sum(take.to(tl.int32), axis=0)
+    _write_top(row_ptr, row_ptr, lo, hi, prefix, k, out_ptr + row.to(tl.int64) * k, row_ptr, IS_FP64, False, False,
+               CHUNK)
 
 
 @triton.jit
@@ -139,14 +141,16 @@ def lightning_indexer_topk_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_p
                                   T, S, H, stride_qt, stride_qh, stride_k, stride_wt, topk,
                                   HP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
                                   CAP: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                  IS_FP64: tl.constexpr, KEY_BITS: tl.constexpr):
+                                  IS_FP64: tl.constexpr, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """Each query's candidates live in one half of its two CAP-slot buffers ([T, 2, CAP]); a compaction
+    selects the top k of the full half into the other (radix select over the buffer in CHUNKs: a few
+    values per thread, where selecting over all CAP slots at once held them all in registers)."""
     pid_t = tl.program_id(0)
     rows, lo, hi, block_lo, block_hi = _key_range(ks_ptr, ke_ptr, pid_t, T, S, BLOCK_T)
     q, w = _query_block(q_ptr, w_ptr, pid_t, T, H, stride_qt, stride_qh, stride_wt, HP, D, BLOCK_T, ACC)
     rows_local = tl.arange(0, BLOCK_T)
-    slots = tl.arange(0, CAP)
-    buf_rows = rows.to(tl.int64)[:, None] * CAP  # each query's buffer: CAP slots
     count = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    half = tl.zeros((BLOCK_T,), dtype=tl.int32)  # which of the query's two buffers holds its candidates
     threshold = tl.full((BLOCK_T,), float("-inf"), ACC)
     for start in tl.range((block_lo // BLOCK_S) * BLOCK_S, block_hi, BLOCK_S):
         cols = start + tl.arange(0, BLOCK_S)
@@ -159,21 +163,21 @@ def lightning_indexer_topk_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_p
             for r in tl.range(0, BLOCK_T):
                 filled = _row_value(count, rows_local, r)
                 if filled > topk:
-                    base = (pid_t * BLOCK_T + r).to(tl.int64) * CAP
-                    values = tl.load(buf_val_ptr + base + slots, mask=slots < filled, other=float("nan"))
-                    indices = tl.load(buf_idx_ptr + base + slots, mask=slots < filled, other=-1)
-                    keep, position = _select_in_tile(_order_key(values, IS_FP64), slots < filled, topk, KEY_BITS)
-                    tl.debug_barrier()  # every slot is read before any is overwritten
-                    tl.store(buf_val_ptr + base + position, values, mask=keep)
-                    tl.store(buf_idx_ptr + base + position, indices, mask=keep)
-                    kth_value = tl.min(tl.where(keep, values, float("inf")), axis=0)
+                    source = _row_value(half, rows_local, r)
+                    row_base = (pid_t * BLOCK_T + r).to(tl.int64) * (2 * CAP)
+                    src, dst = row_base + source * CAP, row_base + (1 - source) * CAP
+                    prefix = _kth_key(buf_val_ptr + src, 0, filled, topk, IS_FP64, KEY_BITS, CHUNK)
+                    kth_value = _write_top(buf_val_ptr + src, buf_idx_ptr + src, 0, filled, prefix, topk,
+                                           buf_idx_ptr + dst, buf_val_ptr + dst, IS_FP64, True, True, CHUNK)
                     count = tl.where(rows_local == r, topk, count)
+                    half = tl.where(rows_local == r, 1 - source, half)
                     threshold = tl.where(rows_local == r, kth_value, threshold)
             tl.debug_barrier()
             take = _is_valid(logits) & (logits > threshold[:, None])
-        position = count[:, None] + tl.cumsum(take.to(tl.int32), axis=1) - 1
-        tl.store(buf_val_ptr + buf_rows + position, logits, mask=take & (rows < T)[:, None])
-        tl.store(buf_idx_ptr + buf_rows + position, tl.broadcast_to(cols[None, :], (BLOCK_T, BLOCK_S)),
+        position = rows.to(tl.int64)[:, None] * (2 * CAP) + (half * CAP + count)[:, None] + \
+            tl.cumsum(take.to(tl.int32), axis=1) - 1
+        tl.store(buf_val_ptr + position, logits, mask=take & (rows < T)[:, None])
+        tl.store(buf_idx_ptr + position, tl.broadcast_to(cols[None, :], (BLOCK_T, BLOCK_S)),
                  mask=take & (rows < T)[:, None])
         count += tl.sum(take.to(tl.int32), axis=1)
     tl.debug_barrier()
@@ -182,11 +186,10 @@ def lightning_indexer_topk_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_p
         row = pid_t * BLOCK_T + r
         if row < T:
             filled = _row_value(count, rows_local, r)
-            base = row.to(tl.int64) * CAP
-            values = tl.load(buf_val_ptr + base + slots, mask=slots < filled, other=float("nan"))
-            indices = tl.load(buf_idx_ptr + base + slots, mask=slots < filled, other=-1)
-            keep, position = _select_in_tile(_order_key(values, IS_FP64), slots < filled, topk, KEY_BITS)
-            tl.store(out_ptr + row.to(tl.int64) * topk + position, indices, mask=keep)
+            src = row.to(tl.int64) * (2 * CAP) + _row_value(half, rows_local, r) * CAP
+            prefix = _kth_key(buf_val_ptr + src, 0, filled, topk, IS_FP64, KEY_BITS, CHUNK)
+            _write_top(buf_val_ptr + src, buf_idx_ptr + src, 0, filled, prefix, topk,
+                       out_ptr + row.to(tl.int64) * topk, buf_val_ptr + src, IS_FP64, True, False, CHUNK)
 
 
 # Launch configs --------------------------------------------------------------------------------
@@ -199,17 +202,22 @@ TOPK = KernelConfigs("topk_indices",
 
 
 def _fused_heuristic(match):
-    """The indexer's tile shape: ~128 (query, head) rows, key tiles of 64 (the buffer takes the registers)."""
-    rows = 128 if match["dtype"] in ("fp8", "bf16", "fp16") else 64
-    return dict(BLOCK_T=max(1, rows // match["HP"]), BLOCK_S=64, num_warps=8 if rows == 128 else 4, num_stages=2)
+    """The indexer's tile shape: ~128 (query, head) rows, key tiles of 64; the compaction's radix select
+    reads the buffer in chunks of 1024 (4 values a thread at 8 warps). No stack frame at fp8/bf16/fp16
+    (sm_90 compile report; 128-key tiles have one)."""
+    if match["dtype"] not in ("fp8", "bf16", "fp16"):  # FMA matmuls (fp32, fp64): the indexer's exact-path tiles
+        block_s = 32 if match["HP"] <= 32 else 16
+        return dict(BLOCK_T=max(1, 32 // match["HP"]), BLOCK_S=block_s, CHUNK=1024, num_warps=8, num_stages=1)
+    return dict(BLOCK_T=max(1, 128 // match["HP"]), BLOCK_S=64, CHUNK=1024, num_warps=8, num_stages=2)
 
 
 FUSED = KernelConfigs("lightning_indexer_topk",
-                      space=lambda match: [dict(BLOCK_T=max(1, r // match["HP"]), BLOCK_S=s, num_warps=w, num_stages=st)
+                      space=lambda match: [dict(BLOCK_T=max(1, r // match["HP"]), BLOCK_S=s, CHUNK=1024, num_warps=w,
+                                                num_stages=st)
                                            for r in (64, 128) if r >= match["HP"] for s in (32, 64, 128)
                                            for w in (4, 8) for st in (1, 2)],
                       heuristic=_fused_heuristic,
-                      smallest=lambda match: dict(BLOCK_T=max(1, 16 // match["HP"]), BLOCK_S=16, num_warps=4,
+                      smallest=lambda match: dict(BLOCK_T=max(1, 16 // match["HP"]), BLOCK_S=16, CHUNK=64, num_warps=4,
                                                   num_stages=1))
 
 
@@ -261,8 +269,8 @@ def lightning_indexer_topk(q, k, k_scale, weights, ks, ke, topk):
     def run(config):
         constexprs, options = split_options(config)
         cap = triton.next_power_of_2(topk + config["BLOCK_S"])
-        buf_val = torch.empty((T, cap), dtype=acc, device=q.device)
-        buf_idx = torch.empty((T, cap), dtype=torch.int32, device=q.device)
+        buf_val = torch.empty((T, 2, cap), dtype=acc, device=q.device)
+        buf_idx = torch.empty((T, 2, cap), dtype=torch.int32, device=q.device)
         lightning_indexer_topk_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
             q, k, k_scale, weights, ks, ke, buf_val, buf_idx, out, T, S, H, q.stride(0), q.stride(1), k.stride(0),
             weights.stride(0), topk, HP=match["HP"], D=D, CAP=cap, ACC=_acc(acc),
