@@ -3,6 +3,7 @@
 // CPU kernels register below with TORCH_LIBRARY_IMPL; CUDA kernels written in CUDA C++ register
 // from their cuda_glue.cpp, Triton kernels, fake (meta) impls and autograd from musetalk_fast/ops/.
 #include <Python.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "engram/cpu.h"
@@ -57,26 +58,40 @@ TORCH_LIBRARY(musetalk_fast, m) {
   m.def("engram_gather_backward(Tensor grad, Tensor rows, SymInt num_rows) -> Tensor");
 }
 
+// A CPU kernel runs its ATen calls outside autocast: it picks its own precisions (float32 or float64
+// accumulation), and under torch.autocast its internal matmuls would otherwise be cast to bf16, both
+// losing precision in the forward and mixing dtypes in the backward (at::mm of bf16 and float: an error).
+template <auto Kernel>
+struct NoAutocast;
+
+template <typename Result, typename... Args, Result (*Kernel)(Args...)>
+struct NoAutocast<Kernel> {
+  static Result call(Args... args) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return Kernel(std::forward<Args>(args)...);
+  }
+};
+
 TORCH_LIBRARY_IMPL(musetalk_fast, CPU, m) {
-  m.impl("sinkhorn", &musetalk_fast::sinkhorn::sinkhorn_cpu);
-  m.impl("sinkhorn_backward", &musetalk_fast::sinkhorn::sinkhorn_backward_cpu);
-  m.impl("gated_attention_forward", &musetalk_fast::gated_attention::forward_cpu);
-  m.impl("gated_attention_backward", &musetalk_fast::gated_attention::backward_cpu);
-  m.impl("engram_hash", &musetalk_fast::engram::engram_hash_cpu);
-  m.impl("engram_gather", &musetalk_fast::engram::engram_gather_cpu);
-  m.impl("engram_lookup", &musetalk_fast::engram::engram_lookup_cpu);
-  m.impl("engram_gather_backward", &musetalk_fast::engram::engram_gather_backward_cpu);
-  m.impl("mhc_pre_forward", &musetalk_fast::mhc::pre_forward_cpu);
-  m.impl("mhc_pre_backward", &musetalk_fast::mhc::pre_backward_cpu);
-  m.impl("mhc_post", &musetalk_fast::mhc::post_cpu);
-  m.impl("mhc_post_backward", &musetalk_fast::mhc::post_backward_cpu);
-  m.impl("lightning_indexer", &musetalk_fast::lightning_indexer::lightning_indexer_cpu);
-  m.impl("lightning_indexer_backward", &musetalk_fast::lightning_indexer::lightning_indexer_backward_cpu);
-  m.impl("fp8_quantize", &musetalk_fast::lightning_indexer::fp8_quantize_cpu);
-  m.impl("topk_indices", &musetalk_fast::topk::topk_indices_cpu);
-  m.impl("lightning_indexer_topk", &musetalk_fast::topk::lightning_indexer_topk_cpu);
-  m.impl("sparse_attention", &musetalk_fast::sparse_attention::sparse_attention_cpu);
-  m.impl("sparse_attention_backward", &musetalk_fast::sparse_attention::sparse_attention_backward_cpu);
+  m.impl("sinkhorn", &NoAutocast<&musetalk_fast::sinkhorn::sinkhorn_cpu>::call);
+  m.impl("sinkhorn_backward", &NoAutocast<&musetalk_fast::sinkhorn::sinkhorn_backward_cpu>::call);
+  m.impl("gated_attention_forward", &NoAutocast<&musetalk_fast::gated_attention::forward_cpu>::call);
+  m.impl("gated_attention_backward", &NoAutocast<&musetalk_fast::gated_attention::backward_cpu>::call);
+  m.impl("engram_hash", &NoAutocast<&musetalk_fast::engram::engram_hash_cpu>::call);
+  m.impl("engram_gather", &NoAutocast<&musetalk_fast::engram::engram_gather_cpu>::call);
+  m.impl("engram_lookup", &NoAutocast<&musetalk_fast::engram::engram_lookup_cpu>::call);
+  m.impl("engram_gather_backward", &NoAutocast<&musetalk_fast::engram::engram_gather_backward_cpu>::call);
+  m.impl("mhc_pre_forward", &NoAutocast<&musetalk_fast::mhc::pre_forward_cpu>::call);
+  m.impl("mhc_pre_backward", &NoAutocast<&musetalk_fast::mhc::pre_backward_cpu>::call);
+  m.impl("mhc_post", &NoAutocast<&musetalk_fast::mhc::post_cpu>::call);
+  m.impl("mhc_post_backward", &NoAutocast<&musetalk_fast::mhc::post_backward_cpu>::call);
+  m.impl("lightning_indexer", &NoAutocast<&musetalk_fast::lightning_indexer::lightning_indexer_cpu>::call);
+  m.impl("lightning_indexer_backward", &NoAutocast<&musetalk_fast::lightning_indexer::lightning_indexer_backward_cpu>::call);
+  m.impl("fp8_quantize", &NoAutocast<&musetalk_fast::lightning_indexer::fp8_quantize_cpu>::call);
+  m.impl("topk_indices", &NoAutocast<&musetalk_fast::topk::topk_indices_cpu>::call);
+  m.impl("lightning_indexer_topk", &NoAutocast<&musetalk_fast::topk::lightning_indexer_topk_cpu>::call);
+  m.impl("sparse_attention", &NoAutocast<&musetalk_fast::sparse_attention::sparse_attention_cpu>::call);
+  m.impl("sparse_attention_backward", &NoAutocast<&musetalk_fast::sparse_attention::sparse_attention_backward_cpu>::call);
 }
 
 // `import musetalk_fast._C` loads this library, which runs the registrations above.
