@@ -122,9 +122,14 @@ def _generate(args, parser):
         else:
             import torch
 
+            from .model.audio import audio_features, frame_windows
+
             torch.manual_seed(args.seed)
             model = MuseTalk(config)
-            print(f"--config {args.config}: random weights (the lower half of the face will be noise)", file=sys.stderr)
+            # an untrained codebook has no centres: fit it on this audio so that the pipeline runs end to end
+            model.codebook.fit(frame_windows(audio_features(samples, config.audio), len(frames), config.audio))
+            print(f"--config {args.config}: random weights, codebook fitted on --audio (for testing the pipeline: "
+                  f"the lower half of the face will be noise)", file=sys.stderr)
     except GenerateArgumentError as error:
         parser.error(f"argument --{error.argument}: {error.reason}")
     dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started)

@@ -15,7 +15,7 @@ not explain (jitter); a fixed noise leaves the audio and the reference as the on
 
 `Avatar.prepare(model, frames)` does the per-video work once (resizing, VAE encoding of the masked and
 reference frames, the paste-back mask); `avatar.stream(audio_chunks)` then turns each chunk of audio
-into frames: batched log-mel windows -> audio encoder and codes -> U-Net -> VAE decode -> paste-back,
+into frames: batched log-mel (or whisper) windows -> audio encoder and codes -> U-Net -> VAE decode -> paste-back,
 and prints the frames per second. Each chunk is one utterance: its audio context is edge-padded at the
 chunk's ends (as MuseTalk's real-time path does per audio clip), the frame cycle runs on across chunks.
 """
@@ -65,18 +65,6 @@ def resize(frames, size):
     return np.stack([cv2.resize(frame, (size, size), interpolation=interpolation) for frame in frames])
 
 
-def to_model_images(frames, device):
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    images = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2)  # channels last
-    return images.float() / 127.5 - 1
-
-
-def to_frames(images):
-    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def check_frames(frames, argument="video"):
     """Frames must be square face crops (any side; they are resized to the model's size and back)."""
     if frames.ndim != 4 or len(frames) == 0:
@@ -117,18 +105,18 @@ class Avatar:
     @torch.inference_mode()
     def prepare(cls, model, frames, batch=20, seed=0, device=None):
         """Cache what does not depend on the audio: frames uint8 [N, H, W, 3], square."""
-        from .vae import encode, lower_half_mask
+        from .vae import encode, mask_lower_half, to_model_images
 
         check_frames(frames)
         device = torch.device(device or next(model.parameters()).device)
         size = model.config.image_size
-        mask = lower_half_mask(size).to(device)
         model.vae.to(memory_format=torch.channels_last)  # the same weights; about 20 % faster convolutions
         masked, reference = [], []
         for start in range(0, len(frames), batch):
-            images = to_model_images(resize(frames[start:start + batch], size), device)
+            images = to_model_images(resize(frames[start:start + batch], size)).to(device)
+            both = torch.cat([images, mask_lower_half(images)]).contiguous(memory_format=torch.channels_last)
             with _autocast(device):
-                latents = encode(model.vae, model.latent_stats, torch.cat([images, images * (1 - mask)])).float()
+                latents = encode(model.vae, model.latent_stats, both).float()
             reference.append(latents[:len(images)])
             masked.append(latents[len(images):])
         latent = reference[0].shape[1:]
@@ -143,16 +131,16 @@ class Avatar:
             yield from self._stream_chunk(np.asarray(chunk, np.float32), report)
 
     def _stream_chunk(self, audio, report):
-        from .audio import frame_windows, log_mel
-        from .vae import decode
+        from .audio import audio_features, frame_windows
+        from .vae import decode, to_uint8
 
         config = self.model.config
         num_frames = int(round(audio.size * FPS / config.audio.sample_rate))
         timings = dict.fromkeys(("audio features", "U-Net", "VAE decode", "paste-back"), 0.0)
         start_time = time.perf_counter()
         with torch.inference_mode():
-            mels = torch.as_tensor(log_mel(audio, config.audio))
-            windows = torch.as_tensor(frame_windows(mels, num_frames, config.audio)).to(self.device)
+            features = audio_features(audio, config.audio)
+            windows = frame_windows(features, num_frames, config.audio).to(self.device)
             timings["audio features"] += time.perf_counter() - start_time
             for start in range(0, num_frames, self.batch):
                 count = min(self.batch, num_frames - start)
@@ -169,7 +157,7 @@ class Avatar:
                     tick = time.perf_counter()
                     images = decode(self.model.vae, self.model.latent_stats,
                                     latents.contiguous(memory_format=torch.channels_last))
-                    generated = to_frames(images)
+                    generated = to_uint8(images)
                     timings["VAE decode"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 frames = self._paste(generated, index.cpu().numpy())

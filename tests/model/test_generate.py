@@ -8,6 +8,7 @@ import torch
 from musetalk_fast.cli import main
 from musetalk_fast.data import generate_clips
 from musetalk_fast.data.clips import SAMPLES_PER_FRAME, write_mp4, write_wav
+from musetalk_fast.model.audio import audio_features, frame_windows
 from musetalk_fast.model.config import ModelConfig
 from musetalk_fast.model.inference import Avatar, cycle_indices, feather_mask
 from musetalk_fast.model.musetalk import MuseTalk
@@ -27,9 +28,13 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(clip):
+    """Random weights; the codebook fitted on the clip's audio (an untrained codebook has no centres)."""
     torch.manual_seed(0)
-    return MuseTalk(ModelConfig.named("tiny")).eval()
+    model = MuseTalk(ModelConfig.named("tiny")).eval()
+    audio = model.config.audio
+    model.codebook.fit(frame_windows(audio_features(clip[1].audio, audio), FRAMES, audio))
+    return model
 
 
 @pytest.fixture(scope="module")
