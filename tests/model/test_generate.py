@@ -14,7 +14,7 @@ from musetalk_fast.model.inference import Avatar, cycle_indices, feather_mask
 from musetalk_fast.model.musetalk import MuseTalk
 from musetalk_fast.model.video_io import read_audio, read_video_frames
 
-FRAMES = 20  # 0.8 s at 25 fps
+FRAMES = 12  # 0.48 s at 25 fps
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_generate_writes_a_playable_mp4_that_changes_only_the_lower_half(clip, c
     folder, source = clip
     out = tmp_path / "dubbed.mp4"
     assert main(["generate", "--video", str(folder / "face.mp4"), "--audio", str(folder / "speech.wav"),
-                 "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "8"]) == 0
+                 "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "5"]) == 0
     printed = capsys.readouterr().out
     assert "FPS" in printed and f"wrote {out}: {FRAMES} frames" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dubbed.mp4"]
@@ -85,14 +85,14 @@ def test_generate_writes_a_playable_mp4_that_changes_only_the_lower_half(clip, c
 
 def test_avatar_stream_cycles_the_frames_and_keeps_the_upper_half_bit_identical(clip, model, capsys):
     _, source = clip
-    frames = source.frames[:6]
-    avatar = Avatar.prepare(model, frames, batch=5, seed=1)
-    chunks = [source.audio[:8 * SAMPLES_PER_FRAME], source.audio[8 * SAMPLES_PER_FRAME:17 * SAMPLES_PER_FRAME]]
+    frames = source.frames[:4]
+    avatar = Avatar.prepare(model, frames, batch=3, seed=1)
+    chunks = [source.audio[:5 * SAMPLES_PER_FRAME], source.audio[5 * SAMPLES_PER_FRAME:11 * SAMPLES_PER_FRAME]]
     batches = list(avatar.stream(chunks))
-    assert [len(b) for b in batches] == [5, 3, 5, 4]  # per chunk, batches of 5
-    assert printed_fps_lines(capsys) == 2 and avatar.last_timings["frames"] == 9
+    assert [len(b) for b in batches] == [3, 2, 3, 3]  # per chunk, batches of 3
+    assert printed_fps_lines(capsys) == 2 and avatar.last_timings["frames"] == 6
     out = np.concatenate(batches)
-    expected = frames[cycle_indices(0, 17, len(frames))]  # 0..5, 5..0, 0..4
+    expected = frames[cycle_indices(0, 11, len(frames))]  # 0..3, 3..0, 0..2
     assert np.array_equal(out[:, :128], expected[:, :128])
     assert not np.array_equal(out[:, 128:], expected[:, 128:])
 
@@ -129,7 +129,7 @@ def bad_inputs(clip, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"--video": "absent.mp4"}, "argument --video: no such file: {tmp}/absent.mp4"),
     ({"--audio": "absent.wav"}, "argument --audio: no such file: {tmp}/absent.wav"),
-    ({"--audio": "short.wav"}, "argument --audio: is 0.680 s, the video 0.800 s (20 frames at 25 fps): the audio "
+    ({"--audio": "short.wav"}, "argument --audio: is 0.360 s, the video 0.480 s (12 frames at 25 fps): the audio "
                                "is 3.0 frames shorter than the video"),
     ({"--audio": "long.wav"}, "the audio is 2.5 frames longer than the video"),
     ({"--video": "wide.mp4"}, "argument --video: frames are 256x192; generate needs square face crops"),
