@@ -276,8 +276,10 @@ def dub(model, frames, samples, audio_path, out, batch=20, seed=0, report=True, 
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    timings = dict(avatar.last_timings, **{"total seconds": time.perf_counter() - started})
+    timings = dict(avatar.last_timings, **{"total seconds": time.perf_counter() - started,
+                                           "process cpu seconds": time.process_time()})
     if report:
-        print(f"wrote {out}: {len(frames)} frames ({len(frames) / FPS:.2f} s) in {timings['total seconds']:.1f} s",
+        print(f"wrote {out}: {len(frames)} frames ({len(frames) / FPS:.2f} s) in {timings['total seconds']:.1f} s "
+              f"(CPU time of the process so far, all threads: {timings['process cpu seconds']:.1f} s)",
               flush=True)
     return timings
