@@ -88,7 +88,7 @@ def _add_generate(subcommands):
     parser.add_argument("--out", required=True, help="the output .mp4 (not overwritten without --force)")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="a model checkpoint (MuseTalk.save)")
-    weights.add_argument("--config", help="a named config with random weights (tiny, default): for testing the pipeline")
+    weights.add_argument("--config", help="a named config (tiny, default) with random weights: tests the pipeline")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     parser.add_argument("--batch", type=int, default=20, help="frames per U-Net/VAE batch (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the avatar's fixed noise (default 0)")

@@ -132,37 +132,20 @@ class Avatar:
 
     def _stream_chunk(self, audio, report):
         from .audio import audio_features, frame_windows
-        from .vae import decode, to_uint8
 
         config = self.model.config
         num_frames = int(round(audio.size * FPS / config.audio.sample_rate))
         timings = dict.fromkeys(("audio features", "U-Net", "VAE decode", "paste-back"), 0.0)
         start_time = time.perf_counter()
-        with torch.inference_mode():
-            features = audio_features(audio, config.audio)
-            windows = frame_windows(features, num_frames, config.audio).to(self.device)
-            timings["audio features"] += time.perf_counter() - start_time
-            for start in range(0, num_frames, self.batch):
-                count = min(self.batch, num_frames - start)
-                index = torch.from_numpy(cycle_indices(self.position, count, len(self.frames))).to(self.device)
-                self.position += count
-                with _autocast(self.device):
-                    tick = time.perf_counter()
-                    audio_tokens, codes = self.model.audio_features(windows[None, start:start + count])
-                    timings["audio features"] += _elapsed(tick, self.device)
-                    tick = time.perf_counter()
-                    latents = self._denoise(self.masked_latents[index], self.reference_latents[index],
-                                            audio_tokens[0], codes[0])
-                    timings["U-Net"] += _elapsed(tick, self.device)
-                    tick = time.perf_counter()
-                    images = decode(self.model.vae, self.model.latent_stats,
-                                    latents.contiguous(memory_format=torch.channels_last))
-                    generated = to_uint8(images)
-                    timings["VAE decode"] += time.perf_counter() - tick
-                tick = time.perf_counter()
-                frames = self._paste(generated, index.cpu().numpy())
-                timings["paste-back"] += time.perf_counter() - tick
-                yield frames
+        features = audio_features(audio, config.audio)
+        windows = frame_windows(features, num_frames, config.audio).to(self.device)
+        timings["audio features"] += time.perf_counter() - start_time
+        for start in range(0, num_frames, self.batch):
+            count = min(self.batch, num_frames - start)
+            index = cycle_indices(self.position, count, len(self.frames))
+            self.position += count
+            # computed here, yielded outside: no inference or autocast mode leaks to the caller between batches
+            yield self._batch(windows[None, start:start + count], index, timings)
         total = time.perf_counter() - start_time
         self.last_timings = {**timings, "frames": num_frames, "seconds": total, "fps": num_frames / total}
         if report:
@@ -170,13 +153,37 @@ class Avatar:
             print(f"stream: {num_frames} frames in {total:.2f} s = {num_frames / total:.1f} FPS ({stages}; batch "
                   f"{self.batch}, {self.device.type})", flush=True)
 
+    @torch.inference_mode()
+    def _batch(self, windows, index, timings):
+        """Frames uint8 [n, H, W, 3] for feature windows [1, n, W, C] on video frames `index` [n]."""
+        from .vae import decode, to_uint8
+
+        latent_index = torch.from_numpy(index).to(self.device)
+        with _autocast(self.device):
+            tick = time.perf_counter()
+            audio_tokens, codes = self.model.audio_features(windows)
+            timings["audio features"] += _elapsed(tick, self.device)
+            tick = time.perf_counter()
+            latents = self._denoise(self.masked_latents[latent_index], self.reference_latents[latent_index],
+                                    audio_tokens[0], codes[0])
+            timings["U-Net"] += _elapsed(tick, self.device)
+            tick = time.perf_counter()
+            images = decode(self.model.vae, self.model.latent_stats,
+                            latents.contiguous(memory_format=torch.channels_last))
+            generated = to_uint8(images)
+            timings["VAE decode"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        frames = self._paste(generated, index)
+        timings["paste-back"] += time.perf_counter() - tick
+        return frames
+
     def _denoise(self, masked, reference, audio, codes):
         """x = unet(noise, masked, reference, audio, codes, t=1, r=0) over frames [n, ...], as clips of
         config.clip_frames consecutive frames (the temporal attention's span in training) and the rest."""
-        frames_per_clip = self.model.config.clip_frames
-        whole = masked.shape[0] // frames_per_clip * frames_per_clip
+        frames_per_clip, count = self.model.config.clip_frames, masked.shape[0]
+        whole = count // frames_per_clip * frames_per_clip
         outputs = []
-        for part, span in ((slice(0, whole), frames_per_clip), (slice(whole, masked.shape[0]), masked.shape[0] - whole)):
+        for part, span in ((slice(0, whole), frames_per_clip), (slice(whole, count), count - whole)):
             if part.stop == part.start:
                 continue
 

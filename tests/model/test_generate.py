@@ -88,7 +88,10 @@ def test_avatar_stream_cycles_the_frames_and_keeps_the_upper_half_bit_identical(
     frames = source.frames[:4]
     avatar = Avatar.prepare(model, frames, batch=3, seed=1)
     chunks = [source.audio[:5 * SAMPLES_PER_FRAME], source.audio[5 * SAMPLES_PER_FRAME:11 * SAMPLES_PER_FRAME]]
-    batches = list(avatar.stream(chunks))
+    batches = []
+    for frames_batch in avatar.stream(chunks):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # no mode leaks between batches
+        batches.append(frames_batch)
     assert [len(b) for b in batches] == [3, 2, 3, 3]  # per chunk, batches of 3
     assert printed_fps_lines(capsys) == 2 and avatar.last_timings["frames"] == 6
     out = np.concatenate(batches)
