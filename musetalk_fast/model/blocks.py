@@ -1,6 +1,6 @@
 """The U-Net's blocks. Each residual layer maps frames [B*F, C, h, w] to its branch output of the same shape
 (MHCResidual adds the residual); `Conditioning` carries what they read besides the features."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -15,6 +15,7 @@ class Conditioning:
     time: torch.Tensor   # [B*F, time_dim] flow-time embedding, repeated over the frames
     audio: torch.Tensor  # [B*F, W, audio_dim] each frame's audio tokens
     frames: int          # F
+    indexer_losses: list = field(default_factory=list)  # the temporal indexers' KL losses (training)
 
 
 def zero_(module):
@@ -81,7 +82,8 @@ class AudioCrossAttention(nn.Module):
 class TemporalAttention(nn.Module):
     """DSA attention across the F frames of each spatial position, non-causal (offline dubbing sees the whole
     clip), frame order by rotary embedding; each query reads its top-k frames (all of them when F <= topk).
-    In training the DSAttention keeps its indexer's KL loss in `.attention.indexer_loss`."""
+    In training the indexer's KL loss goes to cond.indexer_losses (not kept on the module, which then
+    holds no graph tensors between steps and deep-copies, e.g. for EMA weights)."""
 
     def __init__(self, channels, head_dim, groups, topk, index_heads):
         super().__init__()
@@ -94,7 +96,11 @@ class TemporalAttention(nn.Module):
     def forward(self, x, cond):
         frames_batch, channels, height, width = x.shape
         tokens = frame_tokens(self.norm(x)).view(frames_batch // cond.frames, cond.frames, height * width, channels)
-        return frame_image(self.attention(tokens).reshape(frames_batch, height * width, channels), x)
+        out = self.attention(tokens)
+        if self.attention.indexer_loss is not None:
+            cond.indexer_losses.append(self.attention.indexer_loss)
+            self.attention.indexer_loss = None
+        return frame_image(out.reshape(frames_batch, height * width, channels), x)
 
 
 class MHCStack(nn.Module):

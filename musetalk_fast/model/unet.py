@@ -52,6 +52,7 @@ class MuseTalkUNet(nn.Module):
         self.latent_channels = config.vae.latent_channels
         self.levels = len(unet.channels)
         self.gradient_checkpointing = False
+        self._indexer_loss = None
         if unet.head_dim not in INDEX_HEAD_DIMS:
             raise ValueError(f"unet.head_dim must be one of {INDEX_HEAD_DIMS} (the temporal indexer's), "
                              f"got {unet.head_dim}")
@@ -97,14 +98,16 @@ class MuseTalkUNet(nn.Module):
         """The Engram's parameters and its gate's: frozen (with the gate at 0) the model runs without it."""
         return list(self.engram_join.parameters())
 
-    def temporal_attentions(self):
-        return [m for m in self.modules() if isinstance(m, TemporalAttention)]
-
     def indexer_loss(self):
-        """Sum of the temporal DSAttention indexers' KL losses from the last forward in training mode (add it,
-        weighted, to the loss so the indexer learns which frames matter for F > temporal_topk), or None."""
-        losses = [m.attention.indexer_loss for m in self.temporal_attentions() if m.attention.indexer_loss is not None]
-        return sum(losses) if losses else None
+        """Sum of the temporal DSAttention indexers' KL losses of the last forward in training mode (add it,
+        weighted, to the loss so the indexer learns which frames matter when F > temporal_topk), or None."""
+        return self._indexer_loss
+
+    def __getstate__(self):
+        """Copies and pickles leave the last forward's indexer loss (a graph tensor) behind."""
+        state = super().__getstate__()
+        state["_indexer_loss"] = None
+        return state
 
     def lower_half_mask(self, height, width, device, dtype):
         """[1, 1, h, w]: 1 on the rows of the latent whose pixels were masked (the lower half), else 0."""
@@ -147,6 +150,7 @@ class MuseTalkUNet(nn.Module):
         images = [x.reshape(batch * frames, channels, height, width).to(dtype) for x in (z_t, masked, reference)]
         mask = self.lower_half_mask(height, width, z_t.device, dtype).expand(batch * frames, 1, height, width)
         x = self.stem(torch.cat([*images, mask], dim=1))
+        self._indexer_loss = None
         tokens = self.audio_norm(audio.to(self.audio_norm.weight.dtype)) + self.audio_position
         cond = Conditioning(time=self.time_embedding(t, r).repeat_interleave(frames, dim=0),
                             audio=tokens.reshape(batch * frames, *audio.shape[2:]), frames=frames)
@@ -164,5 +168,6 @@ class MuseTalkUNet(nn.Module):
             x = self.up_stacks[level](x, cond, checkpoint)
             if level > 0:
                 x = self.upsamples[level - 1](nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        self._indexer_loss = sum(cond.indexer_losses) if cond.indexer_losses else None
         out = self.out_conv(nn.functional.silu(self.out_norm(x)))
         return out.view(batch, frames, channels, height, width).to(z_t.dtype)

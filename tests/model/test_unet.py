@@ -1,5 +1,7 @@
 """MuseTalkUNet (tiny config): shapes, our ops against the reference ops with the same weights (forward and
 backward), any F, gradient checkpointing, and named errors for bad input."""
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,16 @@ from musetalk_fast.model.config import ModelConfig
 from musetalk_fast.model.unet import MuseTalkUNet
 
 CONFIG = ModelConfig.named("tiny")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These shapes are too small to gain from threads, and on a shared, oversubscribed CPU the thread
+    pool's waits cost up to 30x (measured: a tiny train step 0.12 s on 1 thread, 1.9-2.8 s on 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 # The op families the U-Net runs (sinkhorn runs inside mhc_pre's kernel; the indexer only when F > topk).
 MODEL_OPS = ["gated_attention", "sparse_attention", "mhc_pre", "mhc_post", "engram_lookup"]
 
@@ -126,11 +138,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads_ckpt[name], grad, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_indexer_loss_only_in_training():
+def test_indexer_loss_only_in_training_and_the_model_copies():
     unet = MuseTalkUNet(CONFIG)
+    unet.gradient_checkpointing = True
     inputs = make_inputs(1, 2)
-    unet(**inputs)
+    unet(**inputs).sum().backward()
     assert unet.indexer_loss() is not None and unet.indexer_loss().requires_grad
+    copied = copy.deepcopy(unet)  # e.g. EMA weights: no graph tensor is left on the modules
+    assert copied.indexer_loss() is None
     unet.eval()
     with torch.no_grad():
         unet(**inputs)
@@ -174,3 +189,16 @@ def test_bad_config_gets_a_named_error():
     config.unet.head_dim = 16
     with pytest.raises(ValueError, match="unet.head_dim must be one of"):
         MuseTalkUNet(config)
+
+
+def test_model_benchmark_cases_run():
+    """bench/model.py's rows build and run on the CPU (tiny config); timings are the benchmark's job."""
+    from musetalk_fast.bench import model as bench
+
+    step, generate = bench.cases("cpu", inference_frames=2)
+    assert step.flops > 0 and generate.flops > 0 and generate.items == 2
+    step.ours["ours"]()
+    step.baselines["reference ops"]()
+    assert not ops.reference_ops_enabled()
+    images = generate.ours["ours"]()
+    assert images.shape == (1, 2, 3, CONFIG.image_size, CONFIG.image_size)
