@@ -7,7 +7,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..nn import DSAttention, Engram, GatedAttention, MHCResidual, expand_streams, merge_streams
+from ..nn.sparse_attention import sequence_ranges
 from .embeddings import FrameRotary
+
+INDEXER_LOSS_SEQUENCES = 64  # position sequences (of F frames) the temporal indexer's KL loss is taken on
 
 
 @dataclass
@@ -79,6 +82,32 @@ class AudioCrossAttention(nn.Module):
         return frame_image(self.attention(frame_tokens(self.norm(x)), context=cond.audio.to(x.dtype)), x)
 
 
+class TemporalDSAttention(DSAttention):
+    """DSAttention(temporal=True) whose indexer KL loss is taken on at most INDEXER_LOSS_SEQUENCES of the B*h*w
+    position sequences, evenly strided. DSAttention's loss scores every packed token against every other
+    ([T, T] logits and attention probabilities, T = B*h*w*F: 8192 at the default config's level 1 with B = 4,
+    F = 8, i.e. 268 MB each and more work than the attention itself), while only each sequence's F x F block
+    is visible; the loss is a mean over queries, so the strided subset estimates it without bias."""
+
+    def forward(self, x, ks=None, ke=None, position_ids=None):
+        self._frames = x.shape[1]  # x [B, F, N, hidden]: every sequence is F tokens long
+        return super().forward(x, ks, ke, position_ids)
+
+    def _indexer_loss(self, x, ks, ke, q, k, lse, indices, position_ids):
+        frames = self._frames
+        sequences = x.shape[0] // frames
+        stride = max(1, -(-sequences // INDEXER_LOSS_SEQUENCES))
+        chosen = torch.arange(0, sequences, stride, device=x.device)
+        rows = (chosen[:, None] * frames + torch.arange(frames, device=x.device)).flatten()
+        # key indices are packed-token ids: move each chosen sequence's from its place to its place in the subset
+        shift = ((torch.arange(chosen.numel(), device=x.device) - chosen) * frames).repeat_interleave(frames)
+        picked = indices[rows]
+        picked = torch.where(picked >= 0, picked + shift[:, None].to(picked.dtype), picked)
+        sub_ks, sub_ke = sequence_ranges(chosen.numel(), frames, self.causal, x.device)
+        return super()._indexer_loss(x[rows], sub_ks, sub_ke, q[rows], k[rows], lse[rows], picked,
+                                     position_ids[rows])
+
+
 class TemporalAttention(nn.Module):
     """DSA attention across the F frames of each spatial position, non-causal (offline dubbing sees the whole
     clip), frame order by rotary embedding; each query reads its top-k frames (all of them when F <= topk).
@@ -88,9 +117,9 @@ class TemporalAttention(nn.Module):
     def __init__(self, channels, head_dim, groups, topk, index_heads):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
-        self.attention = DSAttention(channels, channels // head_dim, head_dim=head_dim, topk=topk,
-                                     index_heads=index_heads, index_head_dim=head_dim, index_fp8=False,
-                                     causal=False, temporal=True, rope=FrameRotary(head_dim))
+        self.attention = TemporalDSAttention(channels, channels // head_dim, head_dim=head_dim, topk=topk,
+                                             index_heads=index_heads, index_head_dim=head_dim, index_fp8=False,
+                                             causal=False, temporal=True, rope=FrameRotary(head_dim))
         zero_(self.attention.o_proj)
 
     def forward(self, x, cond):

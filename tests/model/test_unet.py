@@ -202,3 +202,26 @@ def test_model_benchmark_cases_run():
     assert not ops.reference_ops_enabled()
     images = generate.ours["ours"]()
     assert images.shape == (1, 2, 3, CONFIG.image_size, CONFIG.image_size)
+
+
+@pytest.mark.parametrize("frames", [3, 6])  # all frames visible (dense); more frames than topk = 4 (sparse)
+def test_temporal_indexer_loss_on_a_strided_subset(frames, monkeypatch):
+    """TemporalDSAttention's indexer loss = DSAttention's on just the chosen position sequences; with every
+    sequence chosen, = DSAttention's on all of them."""
+    from musetalk_fast.model import blocks
+    from musetalk_fast.nn import DSAttention
+
+    torch.manual_seed(4)
+    kwargs = dict(hidden_size=64, num_heads=2, head_dim=32, topk=4, index_heads=2, index_head_dim=32,
+                  index_fp8=False, causal=False, temporal=True)
+    ours, plain = blocks.TemporalDSAttention(**kwargs), DSAttention(**kwargs)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(1, frames, 10, 64)
+    monkeypatch.setattr(blocks, "INDEXER_LOSS_SEQUENCES", 4)  # 10 positions: stride 3, positions 0, 3, 6, 9
+    out = ours(x)
+    plain(x[:, :, ::3])
+    torch.testing.assert_close(ours.indexer_loss, plain.indexer_loss)
+    torch.testing.assert_close(out, plain(x))  # the attention itself is DSAttention's
+    monkeypatch.setattr(blocks, "INDEXER_LOSS_SEQUENCES", 100)
+    ours(x)
+    torch.testing.assert_close(ours.indexer_loss, plain.indexer_loss)
