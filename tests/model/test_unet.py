@@ -9,6 +9,7 @@ import musetalk_fast.ops as ops
 from musetalk_fast import reference
 from musetalk_fast.model.config import ModelConfig
 from musetalk_fast.model.unet import MuseTalkUNet
+from tests.helpers import DEVICES
 
 CONFIG = ModelConfig.named("tiny")
 
@@ -25,10 +26,10 @@ def one_thread():
 MODEL_OPS = ["gated_attention", "sparse_attention", "mhc_pre", "mhc_post", "engram_lookup"]
 
 
-def make_unet(seed=0):
+def make_unet(seed=0, device="cpu"):
     """A tiny U-Net with every parameter random: its zero-initialised branches would hide errors."""
     torch.manual_seed(seed)
-    unet = MuseTalkUNet(CONFIG)
+    unet = MuseTalkUNet(CONFIG).to(device)
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.normal_(0, 0.2 if parameter.dim() > 1 else 0.05)
@@ -38,15 +39,17 @@ def make_unet(seed=0):
     return unet
 
 
-def make_inputs(batch, frames, seed=1, dtype=torch.float32):
+def make_inputs(batch, frames, seed=1, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     size, audio = CONFIG.latent_size, CONFIG.audio
     latent = [torch.randn(batch, frames, CONFIG.vae.latent_channels, size, size, generator=gen, dtype=dtype)
               for _ in range(3)]
     t = torch.rand(batch, generator=gen, dtype=dtype)
-    return dict(z_t=latent[0], masked=latent[1], reference=latent[2],
-                audio=torch.randn(batch, frames, audio.window_mels, audio.dim, generator=gen, dtype=dtype),
-                codes=torch.randint(0, audio.codes, (batch, frames), generator=gen), t=t, r=t * torch.rand(batch, generator=gen))
+    inputs = dict(z_t=latent[0], masked=latent[1], reference=latent[2],
+                  audio=torch.randn(batch, frames, audio.window_mels, audio.dim, generator=gen, dtype=dtype),
+                  codes=torch.randint(0, audio.codes, (batch, frames), generator=gen), t=t,
+                  r=t * torch.rand(batch, generator=gen))
+    return {name: value.to(device) for name, value in inputs.items()}
 
 
 def test_shapes_zero_start_and_engram_parameters():
@@ -85,18 +88,20 @@ def count_reference_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,frames", [(1, 1), (2, 3)])
-def test_our_ops_match_reference_ops_forward_and_backward(batch, frames, monkeypatch):
+def test_our_ops_match_reference_ops_forward_and_backward(batch, frames, device, monkeypatch):
     """The same weights on the kernels and on musetalk_fast/reference.py: outputs and every gradient
     (parameters, latents, audio; the indexer's KL loss included) agree to float32 tolerance."""
-    unet = make_unet()
-    inputs = make_inputs(batch, frames)
-    weight = torch.randn(inputs["z_t"].shape, generator=torch.Generator().manual_seed(2))
+    unet = make_unet(device=device)
+    inputs = make_inputs(batch, frames, device=device)
+    weight = torch.randn(inputs["z_t"].shape, generator=torch.Generator().manual_seed(2)).to(device)
     calls = count_reference_calls(monkeypatch)
-    out, grads = forward_backward(unet, inputs, weight)
-    assert not any(calls.values())
-    with ops.use_reference_ops():
-        ref_out, ref_grads = forward_backward(unet, inputs, weight)
+    with torch.backends.cudnn.flags(allow_tf32=False):  # exact float32 convolutions on both sides
+        out, grads = forward_backward(unet, inputs, weight)
+        assert not any(calls.values())
+        with ops.use_reference_ops():
+            ref_out, ref_grads = forward_backward(unet, inputs, weight)
     assert all(calls.values()), calls  # every op family of the model ran on the reference
     assert out.abs().max() > 0.1  # random weights: a real output, not the zero start
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
@@ -109,16 +114,17 @@ def test_our_ops_match_reference_ops_forward_and_backward(batch, frames, monkeyp
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_sparse_temporal_attention_when_frames_exceed_topk(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_temporal_attention_when_frames_exceed_topk(device, monkeypatch):
     """F > temporal_topk: each frame reads its top-k frames chosen by the lightning indexer (eval mode)."""
-    unet = make_unet().eval()
+    unet = make_unet(device=device).eval()
     frames = CONFIG.unet.temporal_topk + 1
-    inputs = make_inputs(1, frames)
+    inputs = make_inputs(1, frames, device=device)
     calls = {"lightning_indexer_topk": 0}
     original = reference.lightning_indexer_topk
     monkeypatch.setattr(reference, "lightning_indexer_topk",
                         lambda *a, **k: calls.__setitem__("lightning_indexer_topk", 1) or original(*a, **k))
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
         out = unet(**inputs)
         with ops.use_reference_ops():
             ref_out = unet(**inputs)
