@@ -52,8 +52,10 @@ def frame_tokens(x):
 
 
 def frame_image(tokens, like):
-    """[N, h*w, C] -> like's [N, C, h, w]."""
-    return tokens.transpose(1, 2).reshape(like.shape)
+    """[N, h*w, C] -> like's [N, C, h, w], a channels-last view: MHCResidual reads it back as tokens without
+    a copy."""
+    batch, channels, height, width = like.shape
+    return tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 class SpatialSelfAttention(nn.Module):

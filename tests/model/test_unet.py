@@ -64,7 +64,7 @@ def test_shapes_zero_start_and_engram_parameters():
 
 
 def forward_backward(unet, inputs, weight):
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v.is_floating_point() and k != "t" and k != "r"}
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v.is_floating_point() and k not in ("t", "r")}
     out = unet(**{**inputs, **leaves})
     loss = (out * weight).sum()
     indexer = unet.indexer_loss()
