@@ -4,7 +4,10 @@ import math
 import torch
 from torch import nn
 
-TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, the diffusion range the frequencies below suit
+# t in [0, 1] is embedded as t * 1000, the diffusion range the frequencies below suit. The fastest feature
+# turns 1000 rad per unit of t: a finite-difference derivative in t needs steps well below 1e-3 (central
+# differences with a step of 1e-4 in float32 err by ~0.2%, from both the truncation and the rounding).
+TIME_SCALE = 1000.0
 
 
 def sinusoidal_embedding(values, dim, max_period=10000.0):

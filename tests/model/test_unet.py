@@ -179,7 +179,7 @@ BAD_INPUTS = [
     (bad("codes", lambda x: x[:, :2]), ValueError, r"codes must have shape \[B, F\] = \[2, 3\]"),
     (bad("codes", lambda x: x + CONFIG.audio.codes), ValueError, r"codes must be in \[0, 64\)"),
     (bad("t", lambda x: x[:1]), ValueError, r"t must have shape \[B\] = \[2\]"),
-    (bad("r", lambda x: x + 2), ValueError, "0 <= r <= t <= 1"),
+    (bad("r", lambda x: x.view(2, 1)), ValueError, r"r must have shape \[B\] = \[2\]"),
 ]
 
 
