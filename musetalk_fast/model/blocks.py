@@ -40,15 +40,17 @@ class ResBlock(nn.Module):
         self.conv2 = zero_(nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, x, cond):
-        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        # contiguous: MHCResidual hands a channels-last view, and group_norm's forward-mode AD (torch.func.jvp,
+        # the trainer's exact JVP check) cannot view one
+        h = self.conv1(nn.functional.silu(self.norm1(x.contiguous())))
         scale, shift = self.time_proj(nn.functional.silu(cond.time)).to(h.dtype)[..., None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         return self.conv2(nn.functional.silu(h))
 
 
 def frame_tokens(x):
-    """[N, C, h, w] -> [N, h*w, C]."""
-    return x.flatten(2).transpose(1, 2)
+    """[N, C, h, w] -> [N, h*w, C] (a view of MHCResidual's channels-last layer input)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
 def frame_image(tokens, like):
@@ -59,29 +61,29 @@ def frame_image(tokens, like):
 
 
 class SpatialSelfAttention(nn.Module):
-    """Gated self-attention over the h*w positions of each frame."""
+    """Gated self-attention over the h*w positions of each frame (pre-LayerNorm, as the attention blocks below)."""
 
-    def __init__(self, channels, head_dim, groups):
+    def __init__(self, channels, head_dim):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.LayerNorm(channels)
         self.attention = GatedAttention(channels, channels // head_dim, head_dim=head_dim)
         zero_(self.attention.o_proj)
 
     def forward(self, x, cond):
-        return frame_image(self.attention(frame_tokens(self.norm(x))), x)
+        return frame_image(self.attention(self.norm(frame_tokens(x))), x)
 
 
 class AudioCrossAttention(nn.Module):
     """Gated cross-attention from the h*w positions of each frame to that frame's W audio tokens."""
 
-    def __init__(self, channels, audio_dim, head_dim, groups):
+    def __init__(self, channels, audio_dim, head_dim):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.LayerNorm(channels)
         self.attention = GatedAttention(channels, channels // head_dim, head_dim=head_dim, context_size=audio_dim)
         zero_(self.attention.o_proj)
 
     def forward(self, x, cond):
-        return frame_image(self.attention(frame_tokens(self.norm(x)), context=cond.audio.to(x.dtype)), x)
+        return frame_image(self.attention(self.norm(frame_tokens(x)), context=cond.audio.to(x.dtype)), x)
 
 
 class TemporalDSAttention(DSAttention):
@@ -116,9 +118,9 @@ class TemporalAttention(nn.Module):
     In training the indexer's KL loss goes to cond.indexer_losses (not kept on the module, which then
     holds no graph tensors between steps and deep-copies, e.g. for EMA weights)."""
 
-    def __init__(self, channels, head_dim, groups, topk, index_heads):
+    def __init__(self, channels, head_dim, topk, index_heads):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.LayerNorm(channels)
         self.attention = TemporalDSAttention(channels, channels // head_dim, head_dim=head_dim, topk=topk,
                                              index_heads=index_heads, index_head_dim=head_dim, index_fp8=False,
                                              causal=False, temporal=True, rope=FrameRotary(head_dim))
@@ -126,7 +128,7 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x, cond):
         frames_batch, channels, height, width = x.shape
-        tokens = frame_tokens(self.norm(x)).view(frames_batch // cond.frames, cond.frames, height * width, channels)
+        tokens = self.norm(frame_tokens(x)).view(frames_batch // cond.frames, cond.frames, height * width, channels)
         out = self.attention(tokens)
         if self.attention.indexer_loss is not None:
             cond.indexer_losses.append(self.attention.indexer_loss)

@@ -71,9 +71,9 @@ class MuseTalkUNet(nn.Module):
             channels, attention = unet.channels[level], level in unet.attention_levels
             unit = [lambda: ResBlock(channels, unet.time_dim, unet.norm_groups)]
             if attention:
-                unit += [lambda: SpatialSelfAttention(channels, unet.head_dim, unet.norm_groups),
-                         lambda: AudioCrossAttention(channels, audio.dim, unet.head_dim, unet.norm_groups),
-                         lambda: TemporalAttention(channels, unet.head_dim, unet.norm_groups, unet.temporal_topk,
+                unit += [lambda: SpatialSelfAttention(channels, unet.head_dim),
+                         lambda: AudioCrossAttention(channels, audio.dim, unet.head_dim),
+                         lambda: TemporalAttention(channels, unet.head_dim, unet.temporal_topk,
                                                    unet.temporal_index_heads)]
             if middle:  # ResBlock, attention, ResBlock
                 units = unit + [unit[0]]
@@ -170,5 +170,5 @@ class MuseTalkUNet(nn.Module):
             if level > 0:
                 x = self.upsamples[level - 1](nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
         self._indexer_loss = sum(cond.indexer_losses) if cond.indexer_losses else None
-        out = self.out_conv(nn.functional.silu(self.out_norm(x)))
+        out = self.out_conv(nn.functional.silu(self.out_norm(x.contiguous())))
         return out.view(batch, frames, channels, height, width).to(z_t.dtype)
