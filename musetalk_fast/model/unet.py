@@ -11,7 +11,8 @@
 Layout. Frames fold into the batch ([B*F, C, h, w]) everywhere but in the temporal attention and the
 Engram. The channel adapter (a 3x3 conv) reads cat(z_t, masked, reference, lower-half mask) (3C + 1
 channels). Each level is one stack of same-width layers on mhc_streams mHC residual streams (expanded
-at the stack's start, merged at its end; MHCResidual in the image layout around every layer):
+at the stack's start, merged at its end; MHCResidual in the image layout around every layer; streams
+carried across levels would need every resampling and skip conv run once per stream, +36% FLOPs at n = 4):
 blocks_per_level x [ResBlock, and at attention_levels: gated spatial self-attention over h*w, gated
 cross-attention to the frame's audio tokens, DSA temporal attention across the F frames (non-causal,
 rotary frame positions, top-k = temporal_topk frames)]. Between levels a stride-2 conv (down) and
@@ -139,7 +140,7 @@ class MuseTalkUNet(nn.Module):
             check_shape(tensor, name, "B", [batch])
         # t and r are not range-checked: a finite-difference JVP in t steps past r = t and t = 1
         if has_data(codes) and codes.numel():
-            low, high = int(codes.min()), int(codes.max())
+            low, high = torch.stack([codes.min(), codes.max()]).tolist()  # one device sync
             if low < 0 or high >= audio_config.codes:
                 raise ValueError(f"codes must be in [0, {audio_config.codes}) (audio.codes), got values in "
                                  f"[{low}, {high}]")
