@@ -159,6 +159,9 @@ def _prepare(args, parser):
         parser.error(f"argument --{error.argument}: {error.reason}")
     frames = sum(entry["num_frames"] for entry in manifest["clips"])
     print(f"wrote shards of {len(manifest['clips'])} clips ({frames} frames) to {args.out}")
+    return 0
+
+
 def _add_generate(subcommands):
     parser = subcommands.add_parser(
         "generate", help="dub a face video with new audio (lower half of the face regenerated)",
