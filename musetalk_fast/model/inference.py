@@ -125,10 +125,13 @@ class Avatar:
 
     def stream(self, audio_chunks, report=True):
         """For each chunk of 16 kHz mono audio (float32 arrays, one utterance each), yield the dubbed
-        frames uint8 [n, H, W, 3] in batches of `batch`, round(len(chunk) / 640) frames per chunk at 16 kHz;
-        prints (report=True) and keeps in `last_timings` the frames per second of each chunk."""
+        frames uint8 [n, H, W, 3] in batches of `batch`, round(len(chunk) / 640) frames per chunk at 16 kHz
+        (a chunk shorter than half a frame gives none); prints (report=True) and keeps in `last_timings` the
+        frames per second of each chunk."""
         for chunk in audio_chunks:
-            yield from self._stream_chunk(np.asarray(chunk, np.float32), report)
+            chunk = np.asarray(chunk, np.float32).reshape(-1)
+            if chunk.size * FPS >= self.model.config.audio.sample_rate / 2:  # rounds to at least one frame
+                yield from self._stream_chunk(chunk, report)
 
     def _stream_chunk(self, audio, report):
         from .audio import audio_features, frame_windows

@@ -87,7 +87,8 @@ def test_avatar_stream_cycles_the_frames_and_keeps_the_upper_half_bit_identical(
     _, source = clip
     frames = source.frames[:4]
     avatar = Avatar.prepare(model, frames, batch=3, seed=1)
-    chunks = [source.audio[:5 * SAMPLES_PER_FRAME], source.audio[5 * SAMPLES_PER_FRAME:11 * SAMPLES_PER_FRAME]]
+    chunks = [source.audio[:5 * SAMPLES_PER_FRAME], source.audio[:100],  # under half a frame: no frames
+              source.audio[5 * SAMPLES_PER_FRAME:11 * SAMPLES_PER_FRAME]]
     batches = []
     for frames_batch in avatar.stream(chunks):
         assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # no mode leaks between batches
