@@ -230,6 +230,8 @@ def check_paths(video, audio, out, force, checkpoint=None):
         raise GenerateArgumentError("out", f"{out} must be an .mp4 file")
     if not out.parent.is_dir():
         raise GenerateArgumentError("out", f"the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise GenerateArgumentError("out", f"the folder {out.parent} is not writable")
     if out.exists() and (out.is_dir() or not force):
         raise GenerateArgumentError("out", f"{out} is a folder" if out.is_dir()
                                     else f"{out} already exists; pass --force to overwrite it")
@@ -248,7 +250,8 @@ def load_inputs(video, audio, sample_rate=AudioConfig.sample_rate):
     try:
         samples = read_audio(audio, sample_rate)
     except ValueError as error:
-        raise GenerateArgumentError("audio", str(error)) from error
+        detail = str(error).strip().splitlines()[-1]
+        raise GenerateArgumentError("audio", f"{audio} has no readable audio stream ({detail})") from error
     if samples.size == 0:
         raise GenerateArgumentError("audio", f"{audio} has no audio samples")
     return frames, fit_audio(samples, len(frames), sample_rate)

@@ -136,6 +136,7 @@ def bad_inputs(clip, tmp_path):
     ({"--audio": "short.wav"}, "argument --audio: is 0.360 s, the video 0.480 s (12 frames at 25 fps): the audio "
                                "is 3.0 frames shorter than the video"),
     ({"--audio": "long.wav"}, "the audio is 2.5 frames longer than the video"),
+    ({"--audio": "wide.mp4"}, "argument --audio: {tmp}/wide.mp4 has no readable audio stream"),
     ({"--video": "wide.mp4"}, "argument --video: frames are 256x192; generate needs square face crops"),
     ({"--out": "exists.mp4"}, "argument --out: {tmp}/exists.mp4 already exists; pass --force to overwrite it"),
     ({"--out": "dubbed.avi"}, "argument --out: {tmp}/dubbed.avi must be an .mp4 file"),
