@@ -15,8 +15,8 @@ not explain (jitter); a fixed noise leaves the audio and the reference as the on
 
 `Avatar.prepare(model, frames)` does the per-video work once (resizing, VAE encoding of the masked and
 reference frames, the paste-back mask); `avatar.stream(audio_chunks)` then turns each chunk of audio
-into frames: batched log-mel (or whisper) windows -> audio encoder and codes -> U-Net -> VAE decode -> paste-back,
-and prints the frames per second. Each chunk is one utterance: its audio context is edge-padded at the
+into frames: batched log-mel (or whisper) windows -> audio encoder and codes -> U-Net -> VAE decode ->
+paste-back, and prints the frames per second. Each chunk is one utterance: its audio context is edge-padded at the
 chunk's ends (as MuseTalk's real-time path does per audio clip), the frame cycle runs on across chunks.
 """
 import os
@@ -29,6 +29,7 @@ import torch
 
 from ..data.visemes import FPS
 from .config import AudioConfig
+
 
 class GenerateArgumentError(ValueError):
     """Bad input to `generate`: `argument` names it (the command-line flag without dashes)."""
