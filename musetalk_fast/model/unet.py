@@ -12,11 +12,12 @@
                                      Sampling passes its taller masks (vae.lower_half_mask(h, margin // 8)).
 
 Layout. Frames fold into the batch ([B*F, C, h, w]) everywhere but in the temporal attention and the
-Engram. The channel adapter (a 3x3 conv) reads cat(z_t, masked, reference, mask) (3C + 1 channels). Each level is one stack of same-width layers on mhc_streams mHC residual streams (expanded
-at the stack's start, merged at its end; MHCResidual in the image layout around every layer; streams
-carried across levels would need every resampling and skip conv run once per stream, +36% FLOPs at n = 4):
-blocks_per_level x [ResBlock, and at attention_levels: gated spatial self-attention over h*w, gated
-cross-attention to the frame's audio tokens, DSA temporal attention across the F frames (non-causal,
+Engram. The channel adapter (a 3x3 conv) reads cat(z_t, masked, reference, mask) (3C + 1 channels).
+Each level is one stack of same-width layers on mhc_streams mHC residual streams (expanded at the
+stack's start, merged at its end; MHCResidual in the image layout around every layer; streams carried
+across levels would need every resampling and skip conv run once per stream, +36% FLOPs at n = 4):
+blocks_per_level x [ResBlock, and at attention_levels (pre-LayerNorm): gated spatial self-attention over
+h*w, gated cross-attention to the frame's audio tokens, DSA temporal attention across the F frames (non-causal,
 rotary frame positions, top-k = temporal_topk frames)]. Between levels a stride-2 conv (down) and
 nearest x2 + conv (up); the up path joins the down path's skip by a 1x1 conv over the concatenation.
 The bottleneck stack (ResBlock, attention, ResBlock) is followed by the Engram join: Engram over the
