@@ -7,14 +7,17 @@
     codes                            [B, F] int64 in [0, audio.codes)   audio codes (the Engram's ids)
     t, r                             [B] float, 0 <= r <= t <= 1   flow times; one step: t = 1, r = 0, z_t = noise
                                      (not enforced: a finite-difference JVP in t may step just outside)
+    mask (optional)                  broadcasts to [B, F, 1, h, w]: 1 on the latent rows that were masked in
+                                     pixels; default the lower half (rows >= h // 2). Stage 2's Dynamic Margin
+                                     Sampling passes its taller masks (vae.lower_half_mask(h, margin // 8)).
 
 Layout. Frames fold into the batch ([B*F, C, h, w]) everywhere but in the temporal attention and the
-Engram. The channel adapter (a 3x3 conv) reads cat(z_t, masked, reference, lower-half mask) (3C + 1
-channels). Each level is one stack of same-width layers on mhc_streams mHC residual streams (expanded
-at the stack's start, merged at its end; MHCResidual in the image layout around every layer; streams
-carried across levels would need every resampling and skip conv run once per stream, +36% FLOPs at n = 4):
-blocks_per_level x [ResBlock, and at attention_levels: gated spatial self-attention over h*w, gated
-cross-attention to the frame's audio tokens, DSA temporal attention across the F frames (non-causal,
+Engram. The channel adapter (a 3x3 conv) reads cat(z_t, masked, reference, mask) (3C + 1 channels).
+Each level is one stack of same-width layers on mhc_streams mHC residual streams (expanded at the
+stack's start, merged at its end; MHCResidual in the image layout around every layer; streams carried
+across levels would need every resampling and skip conv run once per stream, +36% FLOPs at n = 4):
+blocks_per_level x [ResBlock, and at attention_levels (pre-LayerNorm): gated spatial self-attention over
+h*w, gated cross-attention to the frame's audio tokens, DSA temporal attention across the F frames (non-causal,
 rotary frame positions, top-k = temporal_topk frames)]. Between levels a stride-2 conv (down) and
 nearest x2 + conv (up); the up path joins the down path's skip by a 1x1 conv over the concatenation.
 The bottleneck stack (ResBlock, attention, ResBlock) is followed by the Engram join: Engram over the
@@ -116,7 +119,7 @@ class MuseTalkUNet(nn.Module):
         rows = (torch.arange(height, device=device) >= height // 2).to(dtype)
         return rows[:, None].expand(height, width)[None, None]
 
-    def check_inputs(self, z_t, masked, reference, audio, codes, t, r):
+    def check_inputs(self, z_t, masked, reference, audio, codes, t, r, mask=None):
         """Named errors for shapes, dtypes and (on real tensors) values."""
         check_float(z_t, "z_t")
         check_shape(z_t, "z_t", "B, F, C, h, w", [None, None, self.latent_channels, None, None])
@@ -138,6 +141,15 @@ class MuseTalkUNet(nn.Module):
         for tensor, name in ((t, "t"), (r, "r")):
             check_float(tensor, name)
             check_shape(tensor, name, "B", [batch])
+        if mask is not None:
+            check_float(mask, "mask")
+            full = (batch, frames, 1, height, width)
+            try:
+                fits = mask.dim() <= 5 and torch.broadcast_shapes(mask.shape, full) == full
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"mask must broadcast to [B, F, 1, h, w] = {list(full)}, got {list(mask.shape)}")
         # t and r are not range-checked: a finite-difference JVP in t steps past r = t and t = 1
         if has_data(codes) and codes.numel():
             low, high = torch.stack([codes.min(), codes.max()]).tolist()  # one device sync
@@ -145,12 +157,15 @@ class MuseTalkUNet(nn.Module):
                 raise ValueError(f"codes must be in [0, {audio_config.codes}) (audio.codes), got values in "
                                  f"[{low}, {high}]")
 
-    def forward(self, z_t, masked, reference, audio, codes, t, r):
-        self.check_inputs(z_t, masked, reference, audio, codes, t, r)
+    def forward(self, z_t, masked, reference, audio, codes, t, r, mask=None):
+        self.check_inputs(z_t, masked, reference, audio, codes, t, r, mask)
         batch, frames, channels, height, width = z_t.shape
         dtype = self.stem.weight.dtype
         images = [x.reshape(batch * frames, channels, height, width).to(dtype) for x in (z_t, masked, reference)]
-        mask = self.lower_half_mask(height, width, z_t.device, dtype).expand(batch * frames, 1, height, width)
+        if mask is None:
+            mask = self.lower_half_mask(height, width, z_t.device, dtype)
+        mask = mask.to(device=z_t.device, dtype=dtype).expand(batch, frames, 1, height, width)
+        mask = mask.reshape(batch * frames, 1, height, width)
         x = self.stem(torch.cat([*images, mask], dim=1))
         self._indexer_loss = None
         tokens = self.audio_norm(audio.to(self.audio_norm.weight.dtype)) + self.audio_position

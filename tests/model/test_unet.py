@@ -190,6 +190,8 @@ BAD_INPUTS = [
     (bad("codes", lambda x: x[:, :2]), ValueError, r"codes must have shape \[B, F\] = \[2, 3\]"),
     (bad("codes", lambda x: x + CONFIG.audio.codes), ValueError, r"codes must be in \[0, 64\)"),
     (bad("t", lambda x: x[:1]), ValueError, r"t must have shape \[B\] = \[2\]"),
+    (lambda inputs: {**inputs, "mask": torch.ones(2, 3, 2, 16, 16)}, ValueError,
+     r"mask must broadcast to \[B, F, 1, h, w\] = \[2, 3, 1, 16, 16\], got \[2, 3, 2, 16, 16\]"),
     (bad("r", lambda x: x.view(2, 1)), ValueError, r"r must have shape \[B\] = \[2\]"),
 ]
 
@@ -261,3 +263,18 @@ def test_exact_jvp_on_reference_ops_matches_central_differences():
         difference = (x_pred(inputs["z_t"] + step * v, inputs["t"] + step)
                       - x_pred(inputs["z_t"] - step * v, inputs["t"] - step)) / (2 * step)
     torch.testing.assert_close(difference, tangent, atol=1e-4 * tangent.abs().max().item(), rtol=0)
+
+
+def test_mask_channel_default_is_the_lower_half_and_taller_masks_change_the_output():
+    """The default mask channel is media's latent-size lower_half_mask; stage 2's taller masks are an input."""
+    from musetalk_fast.model.vae import lower_half_mask
+
+    unet = make_unet().eval()
+    inputs = make_inputs(2, 2)
+    size = CONFIG.latent_size
+    with torch.no_grad():
+        default = unet(**inputs)
+        explicit = unet(**inputs, mask=lower_half_mask(size))
+        taller = unet(**inputs, mask=lower_half_mask(size, torch.tensor([2, 2])).view(2, 1, 1, size, size))
+    torch.testing.assert_close(explicit, default, atol=0, rtol=0)
+    assert (taller - default).abs().max() > 1e-3
