@@ -101,6 +101,38 @@ def test_avatar_stream_cycles_the_frames_and_keeps_the_upper_half_bit_identical(
     assert not np.array_equal(out[:, 128:], expected[:, 128:])
 
 
+class RecordingUNet(torch.nn.Module):
+    """Stands in for the U-Net: records its inputs, returns the reference latents."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, z_t, masked, reference, audio, codes, t, r):
+        self.calls.append({"z_t": z_t, "masked": masked, "audio": audio, "codes": codes, "t": t, "r": r})
+        return reference
+
+
+def test_each_frame_gets_its_audio_window_its_cycled_latents_and_the_one_fixed_noise(clip, model, monkeypatch):
+    _, source = clip
+    recorder = RecordingUNet()
+    monkeypatch.setattr(model, "unet", recorder)
+    avatar = Avatar.prepare(model, source.frames[:3], batch=5, seed=2)
+    audio = source.audio[:7 * SAMPLES_PER_FRAME]
+    list(avatar.stream([audio], report=False))
+    # clips of config.clip_frames (4) consecutive frames, then the rest: [1, 4] + [1, 1], then [1, 2]
+    assert [tuple(call["z_t"].shape[:2]) for call in recorder.calls] == [(1, 4), (1, 1), (1, 2)]
+    seen = {name: torch.cat([call[name].flatten(0, 1) for call in recorder.calls])
+            for name in ("z_t", "masked", "audio", "codes")}
+    windows = frame_windows(audio_features(audio, model.config.audio), 7, model.config.audio)[None]
+    with torch.no_grad():
+        assert torch.allclose(seen["audio"], model.audio_encoder(windows)[0], atol=1e-5)
+    assert torch.equal(seen["codes"], model.codebook.codes(windows)[0])
+    assert torch.equal(seen["masked"], avatar.masked_latents[cycle_indices(0, 7, 3)])
+    assert all(torch.equal(noise, avatar.noise) for noise in seen["z_t"])  # one noise for every frame
+    assert all(bool((call["t"] == 1).all() and (call["r"] == 0).all()) for call in recorder.calls)
+
+
 def printed_fps_lines(capsys):
     return sum(line.startswith("stream:") and "FPS" in line for line in capsys.readouterr().out.splitlines())
 
