@@ -177,6 +177,8 @@ def _add_generate(subcommands):
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     parser.add_argument("--batch", type=int, default=20, help="frames per U-Net/VAE batch (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the avatar's fixed noise (default 0)")
+    parser.add_argument("--reference-frame", type=int, default=None,
+                        help="use this video frame as every frame's reference (default: each frame its own, MuseTalk)")
     parser.set_defaults(run=_generate)
     return parser
 
@@ -215,9 +217,10 @@ def _generate(args, parser):
             model.codebook.fit(frame_windows(audio_features(samples, config.audio), len(frames), config.audio))
             print(f"--config {args.config}: random weights, codebook fitted on --audio (for testing the pipeline: "
                   f"the lower half of the face will be noise)", file=sys.stderr)
+        dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started,
+            reference_frame=args.reference_frame)
     except GenerateArgumentError as error:
         parser.error(f"argument --{error.argument}: {error.reason}")
-    dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started)
     return 0
 
 

@@ -104,11 +104,15 @@ class Avatar:
 
     @classmethod
     @torch.inference_mode()
-    def prepare(cls, model, frames, batch=20, seed=0, device=None):
-        """Cache what does not depend on the audio: frames uint8 [N, H, W, 3], square."""
+    def prepare(cls, model, frames, batch=20, seed=0, device=None, reference_frame=None):
+        """Cache what does not depend on the audio: frames uint8 [N, H, W, 3], square. The reference of
+        each output frame is its own video frame (MuseTalk), or video frame `reference_frame` for all."""
         from .vae import encode, mask_lower_half, to_model_images
 
         check_frames(frames)
+        if reference_frame is not None and not 0 <= reference_frame < len(frames):
+            raise GenerateArgumentError("reference-frame", f"must be a frame of the video, 0 .. {len(frames) - 1} "
+                                                           f"(got {reference_frame})")
         device = torch.device(device or next(model.parameters()).device)
         size = model.config.image_size
         model.vae.to(memory_format=torch.channels_last)  # same weights; ~25 % less CPU time (oneDNN NHWC)
@@ -120,9 +124,11 @@ class Avatar:
                 latents = encode(model.vae, model.latent_stats, both).float()
             reference.append(latents[:len(images)])
             masked.append(latents[len(images):])
-        latent = reference[0].shape[1:]
-        noise = torch.randn(latent, generator=torch.Generator().manual_seed(seed)).to(device)
-        return cls(model, frames, torch.cat(masked), torch.cat(reference), noise, batch, device)
+        masked, reference = torch.cat(masked), torch.cat(reference)
+        if reference_frame is not None:
+            reference = reference[reference_frame:reference_frame + 1].expand_as(reference)
+        noise = torch.randn(masked.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
+        return cls(model, frames, masked, reference, noise, batch, device)
 
     def stream(self, audio_chunks, report=True):
         """For each chunk of 16 kHz mono audio (float32 arrays, one utterance each), yield the dubbed
@@ -258,14 +264,14 @@ def load_inputs(video, audio, sample_rate=AudioConfig.sample_rate):
     return frames, fit_audio(samples, len(frames), sample_rate)
 
 
-def generate(model, video, audio, out, force=False, batch=20, seed=0, report=True):
+def generate(model, video, audio, out, force=False, batch=20, seed=0, report=True, reference_frame=None):
     """Dub `video` with `audio` into the mp4 `out` (the audio muxed in, 25 fps, the video's resolution).
     Every check runs before anything is written. Returns the stream's timings (and 'total seconds')."""
     started = time.perf_counter()
     check_paths(video, audio, out, force)
     check_batch(batch)
     frames, samples = load_inputs(video, audio, model.config.audio.sample_rate)
-    return dub(model, frames, samples, audio, out, batch, seed, report, started)
+    return dub(model, frames, samples, audio, out, batch, seed, report, started, reference_frame)
 
 
 def check_batch(batch):
@@ -273,14 +279,14 @@ def check_batch(batch):
         raise GenerateArgumentError("batch", f"must be >= 1 (got {batch})")
 
 
-def dub(model, frames, samples, audio_path, out, batch=20, seed=0, report=True, started=None):
+def dub(model, frames, samples, audio_path, out, batch=20, seed=0, report=True, started=None, reference_frame=None):
     """The checked inputs of `generate` (load_inputs) -> the mp4 `out`, written to a temporary file beside
     it and renamed over it at the end (nothing is left behind on an error)."""
     from .video_io import write_video
 
     started = time.perf_counter() if started is None else started
     model.eval()
-    avatar = Avatar.prepare(model, frames, batch=batch, seed=seed)
+    avatar = Avatar.prepare(model, frames, batch=batch, seed=seed, reference_frame=reference_frame)
     out = Path(out)
     handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".partial.mp4")
     os.close(handle)

@@ -109,28 +109,46 @@ class RecordingUNet(torch.nn.Module):
         self.calls = []
 
     def forward(self, z_t, masked, reference, audio, codes, t, r):
-        self.calls.append({"z_t": z_t, "masked": masked, "audio": audio, "codes": codes, "t": t, "r": r})
+        self.calls.append({"z_t": z_t, "masked": masked, "reference": reference, "audio": audio, "codes": codes,
+                           "t": t, "r": r})
         return reference
 
 
-def test_each_frame_gets_its_audio_window_its_cycled_latents_and_the_one_fixed_noise(clip, model, monkeypatch):
+@pytest.fixture
+def recorder(model):
+    """The model with a RecordingUNet for the test's duration (monkeypatch would delete a submodule on undo)."""
+    unet, model.unet = model.unet, RecordingUNet()
+    yield model.unet
+    model.unet = unet
+
+
+def test_each_frame_gets_its_audio_window_its_cycled_latents_and_the_one_fixed_noise(clip, model, recorder):
     _, source = clip
-    recorder = RecordingUNet()
-    monkeypatch.setattr(model, "unet", recorder)
     avatar = Avatar.prepare(model, source.frames[:3], batch=5, seed=2)
     audio = source.audio[:7 * SAMPLES_PER_FRAME]
     list(avatar.stream([audio], report=False))
     # clips of config.clip_frames (4) consecutive frames, then the rest: [1, 4] + [1, 1], then [1, 2]
     assert [tuple(call["z_t"].shape[:2]) for call in recorder.calls] == [(1, 4), (1, 1), (1, 2)]
     seen = {name: torch.cat([call[name].flatten(0, 1) for call in recorder.calls])
-            for name in ("z_t", "masked", "audio", "codes")}
+            for name in ("z_t", "masked", "reference", "audio", "codes")}
     windows = frame_windows(audio_features(audio, model.config.audio), 7, model.config.audio)[None]
     with torch.no_grad():
         assert torch.allclose(seen["audio"], model.audio_encoder(windows)[0], atol=1e-5)
     assert torch.equal(seen["codes"], model.codebook.codes(windows)[0])
     assert torch.equal(seen["masked"], avatar.masked_latents[cycle_indices(0, 7, 3)])
+    assert torch.equal(seen["reference"], avatar.reference_latents[cycle_indices(0, 7, 3)])  # each frame its own
     assert all(torch.equal(noise, avatar.noise) for noise in seen["z_t"])  # one noise for every frame
     assert all(bool((call["t"] == 1).all() and (call["r"] == 0).all()) for call in recorder.calls)
+
+
+def test_one_reference_frame_for_every_frame(clip, model, recorder):
+    _, source = clip
+    own = Avatar.prepare(model, source.frames[:3], batch=5)
+    avatar = Avatar.prepare(model, source.frames[:3], batch=5, reference_frame=2)
+    assert torch.equal(avatar.masked_latents, own.masked_latents)
+    list(avatar.stream([source.audio[:4 * SAMPLES_PER_FRAME]], report=False))
+    (call,) = recorder.calls
+    assert all(torch.equal(reference, own.reference_latents[2]) for reference in call["reference"][0])
 
 
 def printed_fps_lines(capsys):
@@ -176,13 +194,14 @@ def bad_inputs(clip, tmp_path):
     ({"--checkpoint": "absent.pt"}, "argument --checkpoint: no such file: {tmp}/absent.pt"),
     ({"--config": "huge"}, "argument --config: config must be one of ['default', 'tiny'] (got 'huge')"),
     ({"--batch": "0"}, "argument --batch: must be >= 1 (got 0)"),
+    ({"--reference-frame": "12"}, "argument --reference-frame: must be a frame of the video, 0 .. 11 (got 12)"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(bad_inputs, capsys, change, message):
     folder, tmp = bad_inputs
     arguments = {"--video": str(folder / "face.mp4"), "--audio": str(folder / "speech.wav"),
                  "--out": str(tmp / "dubbed.mp4"), "--config": "tiny"}
     for flag, value in change.items():
-        arguments[flag] = value if flag in ("--config", "--batch") else str(tmp / value)
+        arguments[flag] = value if flag in ("--config", "--batch", "--reference-frame") else str(tmp / value)
     if "--checkpoint" in change:
         del arguments["--config"]
     before = {p.name: p.read_bytes() for p in tmp.iterdir()}
