@@ -141,6 +141,19 @@ def test_each_frame_gets_its_audio_window_its_cycled_latents_and_the_one_fixed_n
     assert all(bool((call["t"] == 1).all() and (call["r"] == 0).all()) for call in recorder.calls)
 
 
+def test_generate_latents_is_one_step_from_the_given_noise(model, recorder):
+    masked = torch.randn(2, 3, 16, 16, 16)
+    reference, noise = torch.randn_like(masked), torch.randn(16, 16, 16)
+    windows = torch.randn(2, 3, model.config.audio.window_mels, model.config.audio.n_mels)
+    with torch.no_grad():
+        assert torch.equal(model.generate_latents(masked, reference, windows, noise), reference)
+        (call,) = recorder.calls
+        assert torch.equal(call["z_t"], noise.expand_as(masked)) and torch.equal(call["masked"], masked)
+        assert call["t"].tolist() == [1, 1] and call["r"].tolist() == [0, 0]
+        assert torch.equal(call["codes"], model.codebook.codes(windows))
+        assert torch.equal(call["audio"], model.audio_encoder(windows))
+
+
 def test_one_reference_frame_for_every_frame(clip, model, recorder):
     _, source = clip
     own = Avatar.prepare(model, source.frames[:3], batch=5)
