@@ -186,7 +186,8 @@ def _add_generate(subcommands):
 def _generate(args, parser):
     import time
 
-    from .model.inference import GenerateArgumentError, check_batch, check_paths, dub, load_inputs
+    from .model.inference import (GenerateArgumentError, check_batch, check_paths, check_reference_frame, dub,
+                                  load_inputs)
     from .model.musetalk import MuseTalk
 
     started = time.perf_counter()
@@ -201,6 +202,7 @@ def _generate(args, parser):
             except ValueError as error:
                 raise GenerateArgumentError("config", str(error)) from error
         frames, samples = load_inputs(args.video, args.audio)
+        check_reference_frame(args.reference_frame, len(frames))
         if args.checkpoint is not None:
             try:
                 model = MuseTalk.load(args.checkpoint)

@@ -78,6 +78,12 @@ def check_frames(frames, argument="video"):
         raise GenerateArgumentError(argument, f"frames are {width}x{height}; the side must be even (H.264 yuv420p)")
 
 
+def check_reference_frame(reference_frame, num_frames):
+    if reference_frame is not None and not 0 <= reference_frame < num_frames:
+        raise GenerateArgumentError("reference-frame", f"must be a frame of the video, 0 .. {num_frames - 1} "
+                                                       f"(got {reference_frame})")
+
+
 def fit_audio(audio, num_frames, sample_rate=AudioConfig.sample_rate, fps=FPS, argument="audio"):
     """The audio cut or padded (with silence) to exactly num_frames video frames; more than one frame of
     difference is an error that says by how much."""
@@ -110,9 +116,7 @@ class Avatar:
         from .vae import encode, mask_lower_half, to_model_images
 
         check_frames(frames)
-        if reference_frame is not None and not 0 <= reference_frame < len(frames):
-            raise GenerateArgumentError("reference-frame", f"must be a frame of the video, 0 .. {len(frames) - 1} "
-                                                           f"(got {reference_frame})")
+        check_reference_frame(reference_frame, len(frames))
         device = torch.device(device or next(model.parameters()).device)
         size = model.config.image_size
         model.vae.to(memory_format=torch.channels_last)  # same weights; ~25 % less CPU time (oneDNN NHWC)
