@@ -3,6 +3,9 @@
     musetalk-fast make-data --identities 8 --clips 4 --out data/synthetic [--seconds 4] [--seed 0]
         [--force] [--contact-sheets] [--snr-db 20] [--reverb 0.3]
     musetalk-fast check-data --data DIR      # a real (or synthetic) folder: clips, identities, length mismatches
+    musetalk-fast train-vae --data DIR --out VAE [--config tiny] [--steps N]   # the 16-channel VAE (docs/model.md)
+    musetalk-fast prepare --data DIR --vae VAE --out SHARDS [--config tiny]   # latents + audio to .npy shards
+    musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
 """
 import argparse
 import sys
@@ -76,10 +79,159 @@ def _check_data(args, parser):
     return 1 if mismatched else 0
 
 
+def _add_train_vae(subcommands):
+    from .model.config import CONFIGS
+
+    parser = subcommands.add_parser(
+        "train-vae", help="train the 16-channel VAE on the frames of a data folder",
+        description="Train the VAE (L1 + mouth-weighted L1 + MS-SSIM + gradient loss + small KL) on the frames of "
+                    "--data, measure its reconstruction PSNR on held-out frames (whole image and mouth box) and "
+                    "the per-channel latent statistics, and save it as a diffusers folder at --out "
+                    "(docs/model.md).")
+    parser.add_argument("--data", required=True, help="data folder (musetalk-fast make-data, or real clips)")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or new, unless --force)")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps (default 400)")
+    parser.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
+    parser.add_argument("--crop", type=int, default=None, help="crop size in pixels (default half the image)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_train_vae)
+    return parser
+
+
+def _train_vae(args, parser):
+    from .data import DataArgumentError
+    from .model.config import ModelConfig
+    from .train.vae import VAETraining, run_train_vae
+
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0)):
+        if value < low:
+            parser.error(f"argument {flag}: must be >= {low} (got {value})")
+    if not args.lr > 0:
+        parser.error(f"argument --lr: must be positive (got {args.lr})")
+    training = VAETraining(steps=args.steps, batch=args.batch, crop_size=args.crop, lr=args.lr, seed=args.seed,
+                           max_minutes=args.max_minutes)
+    try:
+        report = run_train_vae(args.data, ModelConfig.named(args.config), args.out, training, force=args.force,
+                               progress=not args.no_progress)
+    except DataArgumentError as error:
+        flag = {"crop_size": "--crop"}.get(error.argument, f"--{error.argument}")
+        parser.error(f"argument {flag}: {error.reason}")
+    metrics = report["eval"]
+    mouth = f", mouth {metrics['mouth_psnr_db']:.2f} dB" if "mouth_psnr_db" in metrics else ""
+    print(f"trained the VAE for {report['steps']} steps in {report['train_seconds']:.0f} s; held-out PSNR "
+          f"{metrics['psnr_db']:.2f} dB{mouth}, MS-SSIM {metrics['ms_ssim']:.4f}; saved to {args.out}")
+    return 0
+
+
+def _add_prepare(subcommands):
+    from .model.config import CONFIGS
+
+    parser = subcommands.add_parser(
+        "prepare", help="precompute latents, audio windows and codes of a data folder to .npy shards",
+        description="Encode every clip of --data with the VAE of --vae (a train-vae folder): latents of the "
+                    "frames and of the lower-half-masked frames, audio feature windows, audio codes (a k-means "
+                    "codebook fitted on the train split), the frames and per-frame ground truth, as .npy files "
+                    "under --out with manifest.json (docs/model.md).")
+    parser.add_argument("--data", required=True, help="data folder (musetalk-fast make-data, or real clips)")
+    parser.add_argument("--vae", required=True, help="the VAE folder written by musetalk-fast train-vae")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or new, unless --force)")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing earlier shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_prepare)
+    return parser
+
+
+def _prepare(args, parser):
+    from .model.config import ModelConfig
+    from .data import DataArgumentError
+    from .model.shards import prepare_shards
+
+    try:
+        manifest = prepare_shards(args.data, args.vae, args.out, ModelConfig.named(args.config), force=args.force,
+                                  progress=not args.no_progress)
+    except DataArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    frames = sum(entry["num_frames"] for entry in manifest["clips"])
+    print(f"wrote shards of {len(manifest['clips'])} clips ({frames} frames) to {args.out}")
+    return 0
+
+
+def _add_generate(subcommands):
+    parser = subcommands.add_parser(
+        "generate", help="dub a face video with new audio (lower half of the face regenerated)",
+        description="Regenerate the lower half of every frame of --video (square face crops, any size) so the "
+                    "mouth follows --audio, and write --out (H.264 + AAC, 25 fps, the video's resolution). The audio "
+                    "must be as long as the video, give or take one frame. docs/model.md, Inference.")
+    parser.add_argument("--video", required=True, help="the face video (square frames)")
+    parser.add_argument("--audio", required=True, help="the new audio (wav, mp3, or any file with an audio stream)")
+    parser.add_argument("--out", required=True, help="the output .mp4 (not overwritten without --force)")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="a model checkpoint (MuseTalk.save)")
+    weights.add_argument("--config", help="a named config (tiny, default) with random weights: tests the pipeline")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--batch", type=int, default=20, help="frames per U-Net/VAE batch (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the avatar's fixed noise (default 0)")
+    parser.add_argument("--reference-frame", type=int, default=None,
+                        help="use this video frame as every frame's reference (default: each frame its own, MuseTalk)")
+    parser.set_defaults(run=_generate)
+    return parser
+
+
+def _generate(args, parser):
+    import time
+
+    from .model.inference import (GenerateArgumentError, check_batch, check_paths, check_reference_frame, dub,
+                                  load_inputs)
+    from .model.musetalk import MuseTalk
+
+    started = time.perf_counter()
+    try:
+        check_paths(args.video, args.audio, args.out, args.force, args.checkpoint)
+        check_batch(args.batch)
+        if args.config is not None:
+            from .model.config import ModelConfig
+
+            try:
+                config = ModelConfig.named(args.config)
+            except ValueError as error:
+                raise GenerateArgumentError("config", str(error)) from error
+        frames, samples = load_inputs(args.video, args.audio)
+        check_reference_frame(args.reference_frame, len(frames))
+        if args.checkpoint is not None:
+            try:
+                model = MuseTalk.load(args.checkpoint)
+            except ValueError as error:
+                raise GenerateArgumentError("checkpoint", str(error)) from error
+        else:
+            import torch
+
+            from .model.audio import audio_features, frame_windows
+
+            torch.manual_seed(args.seed)
+            model = MuseTalk(config)
+            # an untrained codebook has no centres: fit it on this audio so that the pipeline runs end to end
+            model.codebook.fit(frame_windows(audio_features(samples, config.audio), len(frames), config.audio))
+            print(f"--config {args.config}: random weights, codebook fitted on --audio (for testing the pipeline: "
+                  f"the lower half of the face will be noise)", file=sys.stderr)
+        dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started,
+            reference_frame=args.reference_frame)
+    except GenerateArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="musetalk-fast", description="musetalk_fast: data, training and evaluation")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands)}
+    parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands),
+               "train-vae": _add_train_vae(subcommands), "prepare": _add_prepare(subcommands),
+               "generate": _add_generate(subcommands)}
     return parser, parsers
 
 
