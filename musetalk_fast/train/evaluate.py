@@ -146,3 +146,41 @@ def reference_index(clip, rule="open"):
     if rule not in REFERENCE_RULES:
         raise ValueError(f"reference rule must be one of {REFERENCE_RULES} (got {rule!r})")
     return int(np.argmax(clip.truth["mouth_open"])) if rule == "open" else 0
+
+
+def musetalk_generator(model, reference="open", batch=20, seed=0, device=None):
+    """generate_fn of a MuseTalk model (model/musetalk.py) for `evaluate`: the real-time path of
+    model/inference.py (Avatar: masked frames and one fixed noise prepared once, then the clip's audio
+    streamed through audio encoder -> U-Net -> VAE decode -> paste-back over the lower half), with every
+    frame's reference latent the clip's reference frame (`reference_index`) instead of the frame itself,
+    which would show the model the mouth it is asked to draw. Its time (and so evaluate's fps) includes the
+    avatar's preparation."""
+    if reference not in REFERENCE_RULES:
+        raise ValueError(f"reference rule must be one of {REFERENCE_RULES} (got {reference!r})")
+    from ..model.inference import Avatar
+
+    def generate(clip):
+        avatar = Avatar.prepare(model, clip.frames, batch=batch, seed=seed, device=device)
+        index = reference_index(clip, reference)
+        avatar.reference_latents = avatar.reference_latents[index:index + 1].expand_as(avatar.reference_latents)
+        return np.concatenate(list(avatar.stream([clip.audio], report=False)))
+
+    return generate
+
+
+def folder_clips(data, splits):
+    """The clips with ground truth of `splits` in a data folder (docs/data.md), at the data's own 256x256,
+    as data.Clip objects (the ground-truth fields evaluate reads). ValueError naming the folder when none."""
+    from ..data.clips import Clip
+    from ..data.face import SIZE
+    from ..model.folder import read_folder
+
+    clips = []
+    for clip in read_folder(data, SIZE, splits):
+        if clip.truth:
+            truth = {"mouth_open": clip.truth["mouth"][:, 0], "speaking": clip.truth["speaking"],
+                     "mouth_box": clip.truth["mouth_box"], "mouth_centre": clip.truth["mouth_centre"]}
+            clips.append(Clip(clip.identity, clip.name, clip.frames, clip.audio, truth, None))
+    if not clips:
+        raise ValueError(f"data {data} has no clips with ground truth (<clip>.json) in split {'/'.join(splits)}")
+    return clips
