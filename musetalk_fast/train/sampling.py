@@ -1,5 +1,5 @@
 """What the trainer feeds the U-Net: the reference frame of each target (Informative Frame Sampling),
-a random extra bottom margin of the mask in stage 2 (Dynamic Margin Sampling) and the frames it
+a random extra margin of the mask in stage 2 (Dynamic Margin Sampling) and the frames it
 leaves out (label cleaning). All of it works from per-frame ground truth (docs/data.md) or, for
 real clips without it, proxies: the face box for the pose, the mouth gap measured in the pixels
 (musetalk_fast.data.realism) for the opening, the audio RMS for speech.
@@ -29,59 +29,41 @@ def pose_features(truth):
     return (pose - pose.mean(0)) / (pose.std(0) + 1e-6)
 
 
-def informative_references(pose, mouth, rng, min_gap=5, pose_pool=8, choose_from=3):
-    """One reference index per frame [T]: among the frames at least `min_gap` away, the `pose_pool`
-    with the closest pose (Euclidean over `pose` [T, P]); of those, one of the `choose_from` whose mouth
-    opening (`mouth` [T]) differs most from the target's, drawn at random with `rng` (numpy Generator).
-    A clip too short to have a frame `min_gap` away falls back to the farthest frame."""
+def reference_candidates(pose, mouth, min_gap=5, pose_pool=8, choose_from=3):
+    """The informative reference candidates of every frame, [T, choose_from] indices: among the frames
+    at least `min_gap` away, the `pose_pool` with the closest pose (Euclidean over `pose` [T, P]); of
+    those, the `choose_from` whose mouth opening (`mouth` [T]) differs most from the target's. A clip
+    too short to have a frame `min_gap` away gets its farthest frame (repeated)."""
     pose, mouth = np.asarray(pose, np.float64), np.asarray(mouth, np.float64)
     count = len(mouth)
     if pose.shape[0] != count:
         raise ValueError(f"pose and mouth must have one row per frame (got {pose.shape[0]} and {count})")
     index = np.arange(count)
-    references = np.empty(count, np.int64)
+    out = np.empty((count, choose_from), np.int64)
     pose_distance = np.linalg.norm(pose[:, None] - pose[None], axis=-1)
     for i in range(count):
         far = np.abs(index - i) >= min_gap
         if not far.any():
-            references[i] = int(np.argmax(np.abs(index - i)))
+            out[i] = int(np.argmax(np.abs(index - i)))
             continue
         candidates = index[far][np.argsort(pose_distance[i, far], kind="stable")[:pose_pool]]
         by_mouth = candidates[np.argsort(-np.abs(mouth[candidates] - mouth[i]), kind="stable")[:choose_from]]
-        references[i] = int(rng.choice(by_mouth))
-    return references
-
-
-def sample_margin(rng, max_margin):
-    """Dynamic Margin Sampling (MuseTalk 1.5, stage 2): a random extra bottom margin in [0, max_margin]."""
-    return int(rng.integers(0, int(max_margin) + 1)) if max_margin > 0 else 0
-
-
-def margin_rows(height, margin):
-    """Rows of the masked lower part of an image (or latent) `height` tall with an extra bottom margin:
-    MuseTalk masks the lower half of a face crop; a crop that reaches `margin` rows further below the
-    chin moves the mouth up by that much, so the masked band starts `margin // 2` rows higher (the crop
-    is rescaled to the same height). Returns the first masked row."""
-    return max(height // 2 - margin // 2, 0)
-
-
-def crop_with_margin(frames, face_box, margin, size):
-    """Crop square faces with `margin` extra pixels below the face box, resized to `size` (uint8 [T, H, W, 3]
-    in, [T, size, size, 3] out): the pixel form of Dynamic Margin Sampling for data with frames and boxes."""
-    import cv2
-
-    frames, face_box = np.asarray(frames), np.asarray(face_box, np.float64)
-    out = np.empty((len(frames), size, size, 3), np.uint8)
-    for i, frame in enumerate(frames):
-        x0, y0, x1, y1 = face_box[i]
-        y1 = y1 + margin
-        side = max(x1 - x0, y1 - y0)
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        # an affine that maps the square around (cx, cy) to the output, edge-replicating outside the frame
-        scale = size / side
-        matrix = np.array([[scale, 0, size / 2 - scale * cx], [0, scale, size / 2 - scale * cy]])
-        out[i] = cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+        out[i] = np.resize(by_mouth, choose_from)
     return out
+
+
+def informative_references(pose, mouth, rng, min_gap=5, pose_pool=8, choose_from=3):
+    """One reference index per frame [T]: one of its reference_candidates, drawn with `rng` (numpy Generator)."""
+    candidates = reference_candidates(pose, mouth, min_gap, pose_pool, choose_from)
+    return candidates[np.arange(len(candidates)), rng.integers(0, candidates.shape[1], len(candidates))]
+
+
+def sample_margin(rng, max_margin, step=8):
+    """Dynamic Margin Sampling (MuseTalk 1.5, stage 2): a random extra margin of the inpainting mask, a
+    multiple of `step` pixels in [0, max_margin] (one VAE latent row is 8 pixels): the masked region's top
+    moves up by that many rows (musetalk_fast.model.vae.lower_half_mask), so the network learns to fill a
+    mouth region whose extent varies, as face crops' do."""
+    return int(step * rng.integers(0, int(max_margin) // step + 1)) if max_margin >= step else 0
 
 
 def speech_energy_db(audio, num_frames, samples_per_frame=640):
