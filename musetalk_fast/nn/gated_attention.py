@@ -3,7 +3,8 @@
 As in Qwen3-Next, the gate is packed into q_proj: for each head, q_proj emits the query and its
 gate logits side by side, so one matmul gives both. The attention runs on [B, L, H, D] views
 transposed to [B, H, L, D] without copies. Packed clips of different lengths ([T, hidden] with
-cu_seqlens) run through gated_attention_varlen.
+cu_seqlens) run through gated_attention_varlen. Cross-attention: forward(x, context=c) takes the keys
+and values from c [B, S, context_size] (e.g. audio tokens) instead of x.
 """
 from torch import nn
 
@@ -23,10 +24,11 @@ class GatedAttention(nn.Module):
             an attention mask.
         rope: optional callable (q, k, position_ids) -> (q, k) on [B, L, H, D] tensors.
         bias: bias in the q/k/v projections.
+        context_size: width of the cross-attention context (the k/v projections' input); defaults to hidden_size.
     """
 
     def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, head_wise_gate=False,
-                 is_causal=False, rope=None, bias=False):
+                 is_causal=False, rope=None, bias=False, context_size=None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
@@ -37,13 +39,19 @@ class GatedAttention(nn.Module):
         self.is_causal = is_causal
         self.rope = rope
         self.q_proj = nn.Linear(hidden_size, num_heads * (self.head_dim + self.gate_dim), bias=bias)
-        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        kv_input = context_size or hidden_size
+        self.k_proj = nn.Linear(kv_input, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(kv_input, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
 
-    def forward(self, x, is_causal=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, is_causal=None, position_ids=None, cu_seqlens=None, max_seqlen=None, context=None):
         """x [B, L, hidden]; or packed sequences x [T, hidden] with cu_seqlens (int32 [B + 1]) and
-        max_seqlen (rope then sees [1, T, H, D] tensors and position_ids)."""
+        max_seqlen (rope then sees [1, T, H, D] tensors and position_ids). context [B, S, context_size]:
+        cross-attention, keys and values from context (no rope, no packed sequences)."""
+        if context is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cross-attention (context) does not take packed sequences (cu_seqlens)")
+            return self._forward_cross(x, context, is_causal)
         if cu_seqlens is not None:
             return self._forward_packed(x, cu_seqlens, max_seqlen, is_causal, position_ids)
         batch, length, _ = x.shape
@@ -53,6 +61,23 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         if self.rope is not None:
             q, k = self.rope(q, k, position_ids)
+        causal = self.is_causal if is_causal is None else is_causal
+        out = gated_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate.transpose(1, 2),
+                              is_causal=causal)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _forward_cross(self, x, context, is_causal):
+        if x.dim() != 3 or context.dim() != 3 or context.shape[0] != x.shape[0]:
+            raise ValueError(f"cross-attention takes x [B, L, hidden] and context [B, S, context_size], got "
+                             f"x {list(x.shape)} and context {list(context.shape)}")
+        if context.shape[2] != self.k_proj.in_features:
+            raise ValueError(f"context must have width context_size = {self.k_proj.in_features}, "
+                             f"got shape {list(context.shape)}")
+        batch, length, _ = x.shape
+        query_and_gate = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim + self.gate_dim)
+        q, gate = query_and_gate.split([self.head_dim, self.gate_dim], dim=-1)
+        k = self.k_proj(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim)
+        v = self.v_proj(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim)
         causal = self.is_causal if is_causal is None else is_causal
         out = gated_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate.transpose(1, 2),
                               is_causal=causal)

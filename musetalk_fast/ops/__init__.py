@@ -13,7 +13,10 @@ CUDA kernels. docs/ops.md is the full contract: shapes, dtypes, semantics and gr
     sparse_attention         attention over the selected keys only
     engram_hash, engram_gather, engram_lookup   DeepSeek Engram hashed n-gram memory
     engram_lookup_async      engram_lookup on a side stream, to overlap the compute after it
+
+    use_reference_ops(), set_reference_ops(bool)   every wrapper above calls musetalk_fast.reference instead
 """
+from .backend import reference_ops_enabled, set_reference_ops, use_reference_ops
 from .engram import engram_gather, engram_hash, engram_lookup, engram_lookup_async
 from .gated_attention import gated_attention, gated_attention_varlen, set_gated_attention_deterministic
 from .lightning_indexer import fp8_quantize, lightning_indexer
@@ -26,4 +29,5 @@ __all__ = [
     "gated_attention", "sinkhorn", "mhc_pre", "mhc_post", "lightning_indexer", "fp8_quantize", "topk_indices",
     "lightning_indexer_topk", "sparse_attention", "engram_hash", "engram_gather", "engram_lookup",
     "engram_lookup_async", "gated_attention_varlen", "set_gated_attention_deterministic",
+    "use_reference_ops", "set_reference_ops", "reference_ops_enabled",
 ]

@@ -11,6 +11,7 @@ ones that read values (moduli > 0, odd multipliers, rows inside the table) run o
 """
 import torch
 
+from .backend import routable
 from .checks import check_device, check_dtype, check_float, check_rank, check_shape, has_data
 from .library import op, qualname, register_cuda
 
@@ -235,6 +236,7 @@ torch.library.register_autograd(qualname("engram_lookup"), _lookup_grad, setup_c
 
 # Public functions ------------------------------------------------------------------------------------
 
+@routable("engram_hash")
 def engram_hash(ids, multipliers, moduli, offsets, pad_id=0):
     """Engram's hashed n-gram table rows: rows[b, t, o*Hh + h] = offsets[o*Hh + h] +
     (XOR_j ids[b, t - j] * multipliers[o, j]) mod moduli[o, h].
@@ -247,6 +249,7 @@ def engram_hash(ids, multipliers, moduli, offsets, pad_id=0):
     return op("engram_hash")(ids, multipliers, moduli, offsets, pad_id)
 
 
+@routable("engram_gather")
 def engram_gather(table, rows, sparse=False):
     """Embedding rows of a table: emb[..., :] = table[rows[...]].
 
@@ -259,6 +262,7 @@ def engram_gather(table, rows, sparse=False):
     return op("engram_gather")(table, rows, sparse)
 
 
+@routable("engram_lookup")
 def engram_lookup(ids, table, multipliers, moduli, offsets, pad_id=0, sparse=False):
     """Engram memory lookup, hash and gather fused: engram_gather(table, engram_hash(ids, multipliers,
     moduli, offsets, pad_id), sparse).flatten(-2).

@@ -9,6 +9,7 @@ atomics unless deterministic mode is on (`set_gated_attention_deterministic(True
 """
 import torch
 
+from .backend import routable
 from .checks import check_dtype, check_device, check_float, check_rank, check_same, has_data
 from .library import LIB, op, qualname, register_composite, register_cuda
 
@@ -118,6 +119,7 @@ def _backward(ctx, grad_out, _grad_lse):
 torch.library.register_autograd(qualname("gated_attention_forward"), _backward, setup_context=_setup_context)
 
 
+@routable("gated_attention")
 def gated_attention(q, k, v, gate, is_causal=False, scale=None):
     """scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale) * sigmoid(gate).
 
@@ -289,6 +291,7 @@ torch.library.register_autograd(qualname("gated_attention_varlen_forward"), _var
                                 setup_context=_varlen_setup_context)
 
 
+@routable("gated_attention_varlen")
 def gated_attention_varlen(q, k, v, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=False,
                            scale=None):
     """gated_attention over packed sequences, as flash_attn_varlen_func (dropout_p = 0 only).

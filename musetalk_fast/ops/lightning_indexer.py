@@ -6,6 +6,7 @@ for floating (not fp8) inputs; fp8 inputs get no gradient.
 """
 import torch
 
+from .backend import routable
 from .checks import FLOAT_DTYPES, check_device, check_dtype, check_float, check_rank, check_shape, has_data
 from .library import op, qualname, register_cuda
 
@@ -149,6 +150,7 @@ def _backward(ctx, grad):
 torch.library.register_autograd(qualname("lightning_indexer"), _backward, setup_context=_setup_context)
 
 
+@routable("lightning_indexer")
 def lightning_indexer(q, k, k_scale, weights, ks, ke):
     """DeepSeek Sparse Attention's lightning indexer: logits[t, s] = k_scale[s] * sum_h weights[t, h] *
     relu(q[t, h] . k[s]) for ks[t] <= s < ke[t], -inf elsewhere.
@@ -162,6 +164,7 @@ def lightning_indexer(q, k, k_scale, weights, ks, ke):
     return op("lightning_indexer")(q, k, k_scale, weights, ks, ke)
 
 
+@routable("fp8_quantize")
 def fp8_quantize(x, block=None, ue8m0=False):
     """Blockwise float8_e4m3fn quantisation along the last dim: scale = max(amax, 1e-4) / 448 per block.
 

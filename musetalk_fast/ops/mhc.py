@@ -8,6 +8,7 @@ kernels/mhc.py. Gradients for every floating input.
 import torch
 
 from ..reference import compute_dtype
+from .backend import routable
 from .checks import check_device, check_float, check_non_negative, check_rank, check_shape
 from .library import op, qualname, register_composite, register_cuda
 
@@ -181,6 +182,7 @@ def _post_backward(ctx, grad):
 torch.library.register_autograd(qualname("mhc_post"), _post_backward, setup_context=_post_setup_context)
 
 
+@routable("mhc_pre")
 def mhc_pre(x, phi, alpha, bias, iters=20):
     """mHC pre-mixing: the layer input and the mixing matrices from n residual streams.
 
@@ -194,6 +196,7 @@ def mhc_pre(x, phi, alpha, bias, iters=20):
     return op("mhc_pre")(x, phi, alpha, bias, iters)
 
 
+@routable("mhc_post")
 def mhc_post(x, f_out, h_post, h_res):
     """mHC post-mixing: x_next[:, i] = sum_j h_res[:, i, j] x[:, j] + h_post[:, i] f_out.
 

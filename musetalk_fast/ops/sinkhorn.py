@@ -6,6 +6,7 @@ recomputes the iterations on-chip and on the CPU stores each step's input.
 """
 import torch
 
+from .backend import routable
 from .checks import check_float
 from .library import op, qualname, register_cuda
 
@@ -75,6 +76,7 @@ def _backward(ctx, grad):
 torch.library.register_autograd(qualname("sinkhorn"), _backward, setup_context=_setup_context)
 
 
+@routable("sinkhorn")
 def sinkhorn(logits, iters=20, eps=1e-6):
     """Doubly-stochastic P from logits [..., n, n]: exp(logits - max), then `iters` rounds of
     column then row normalisation (DeepSeek mHC). Differentiable."""

@@ -8,6 +8,7 @@ torch.are_deterministic_algorithms_enabled()).
 """
 import torch
 
+from .backend import routable
 from .checks import check_device, check_dtype, check_float, check_rank, check_same, check_shape
 from .library import op, qualname, register_cuda
 
@@ -94,6 +95,7 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(qualname("sparse_attention"), _backward, setup_context=_setup_context)
 
 
+@routable("sparse_attention")
 def sparse_attention(q, k, v, indices, sm_scale=None):
     """Top-k sparse attention: each query head attends only to the keys indices[t, g] of its KV head g.
 

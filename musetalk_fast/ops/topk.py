@@ -6,6 +6,7 @@ streams key tiles through a per-query candidate buffer and never writes the [T, 
 """
 import torch
 
+from .backend import routable
 from .checks import check_float, check_non_negative, check_rank
 from .library import op, qualname, register_cuda
 from .lightning_indexer import check_key_range, check_lightning_indexer
@@ -53,6 +54,7 @@ register_cuda("topk_indices", _topk_indices_cuda)
 register_cuda("lightning_indexer_topk", _lightning_indexer_topk_cuda)
 
 
+@routable("topk_indices")
 def topk_indices(logits, k, ks=None, ke=None, sorted=False):
     """Indices of the k largest finite logits of each row inside [ks[t], ke[t]), -1-padded.
 
@@ -64,6 +66,7 @@ def topk_indices(logits, k, ks=None, ke=None, sorted=False):
     return op("topk_indices")(logits, k, ks, ke, sorted)
 
 
+@routable("lightning_indexer_topk")
 def lightning_indexer_topk(q, k, k_scale, weights, ks, ke, topk):
     """The top `topk` keys of each query by lightning-indexer logit, without the [T, S] logits: the set
     of topk_indices(lightning_indexer(q, k, k_scale, weights, ks, ke), topk) (ties: any valid set).

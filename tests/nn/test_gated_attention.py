@@ -62,3 +62,25 @@ def test_packed_clips_match_one_call_per_clip(is_causal):
     packed = module(torch.cat(clips), cu_seqlens=cu_seqlens)
     want = torch.cat([module(clip.unsqueeze(0))[0] for clip in clips])
     torch.testing.assert_close(packed, want)
+
+
+def test_cross_attention_matches_unfused_block():
+    """context: keys and values from another sequence of another width (e.g. audio tokens)."""
+    torch.manual_seed(2)
+    module = GatedAttention(32, 4, 2, head_dim=8, context_size=12).double()
+    x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    out = module(x, context=context)
+    q, gate = module.q_proj(x).view(2, 7, 4, 16).split([8, 8], -1)
+    k, v = (proj(context).view(2, 5, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+            for proj in (module.k_proj, module.v_proj))
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k, v) * torch.sigmoid(gate.transpose(1, 2))
+    want = module.o_proj(want.transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(out, want)
+    inputs = [x, context, *module.parameters()]
+    for g, w in zip(torch.autograd.grad(out.square().sum(), inputs), torch.autograd.grad(want.square().sum(), inputs)):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match="context_size = 12"):
+        module(x, context=torch.randn(2, 5, 13, dtype=torch.float64))
+    with pytest.raises(ValueError, match="context"):
+        module(x, context=torch.randn(3, 5, 12, dtype=torch.float64))
