@@ -132,6 +132,7 @@ setup(
         "musetalk_fast.ops",
         "musetalk_fast.nn",
         "musetalk_fast.data",
+        "musetalk_fast.model",
         "musetalk_fast.kernels",
         "musetalk_fast.bench",
         "musetalk_fast.bench.ops",
@@ -147,10 +148,12 @@ setup(
     # torch is not listed: a torch requirement would let pip resolve (and download) one of its own.
     # numpy .. tqdm: the synthetic talking-head data (musetalk_fast/data), the default data of every command.
     install_requires=["triton>=3.2; platform_system == 'Linux'", "numpy", "scipy", "opencv-python-headless",
-                      "imageio-ffmpeg", "tqdm"],
+                      "imageio-ffmpeg", "tqdm",
+                      "diffusers", "safetensors", "librosa"],  # the model's VAE and audio front end
     extras_require={
         "test": ["pytest>=7"],
         "bench": ["matplotlib"],
+        "whisper": ["transformers"],  # the optional whisper-tiny audio encoder (local weights only)
     },
     entry_points={"console_scripts": ["musetalk-fast-bench = musetalk_fast.bench.run:main",
                                       "musetalk-fast = musetalk_fast.cli:main"]},
