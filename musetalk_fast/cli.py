@@ -3,6 +3,7 @@
     musetalk-fast make-data --identities 8 --clips 4 --out data/synthetic [--seconds 4] [--seed 0]
         [--force] [--contact-sheets] [--snr-db 20] [--reverb 0.3]
     musetalk-fast check-data --data DIR      # a real (or synthetic) folder: clips, identities, length mismatches
+    musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
 """
 import argparse
 import sys
@@ -76,10 +77,65 @@ def _check_data(args, parser):
     return 1 if mismatched else 0
 
 
+def _add_generate(subcommands):
+    parser = subcommands.add_parser(
+        "generate", help="dub a face video with new audio (lower half of the face regenerated)",
+        description="Regenerate the lower half of every frame of --video (square face crops, any size) so the "
+                    "mouth follows --audio, and write --out (H.264 + AAC, 25 fps, the video's resolution). The audio "
+                    "must be as long as the video, give or take one frame. docs/model.md, Inference.")
+    parser.add_argument("--video", required=True, help="the face video (square frames)")
+    parser.add_argument("--audio", required=True, help="the new audio (wav, mp3, or any file with an audio stream)")
+    parser.add_argument("--out", required=True, help="the output .mp4 (not overwritten without --force)")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="a model checkpoint (MuseTalk.save)")
+    weights.add_argument("--config", help="a named config with random weights (tiny, default): for testing the pipeline")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--batch", type=int, default=20, help="frames per U-Net/VAE batch (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the avatar's fixed noise (default 0)")
+    parser.set_defaults(run=_generate)
+    return parser
+
+
+def _generate(args, parser):
+    import time
+
+    from .model.inference import GenerateArgumentError, check_batch, check_paths, dub, load_inputs
+    from .model.musetalk import MuseTalk
+
+    started = time.perf_counter()
+    try:
+        check_paths(args.video, args.audio, args.out, args.force, args.checkpoint)
+        check_batch(args.batch)
+        if args.config is not None:
+            from .model.config import ModelConfig
+
+            try:
+                config = ModelConfig.named(args.config)
+            except ValueError as error:
+                raise GenerateArgumentError("config", str(error)) from error
+        frames, samples = load_inputs(args.video, args.audio)
+        if args.checkpoint is not None:
+            try:
+                model = MuseTalk.load(args.checkpoint)
+            except ValueError as error:
+                raise GenerateArgumentError("checkpoint", str(error)) from error
+        else:
+            import torch
+
+            torch.manual_seed(args.seed)
+            model = MuseTalk(config)
+            print(f"--config {args.config}: random weights (the lower half of the face will be noise)", file=sys.stderr)
+    except GenerateArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="musetalk-fast", description="musetalk_fast: data, training and evaluation")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands)}
+    parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands),
+               "generate": _add_generate(subcommands)}
     return parser, parsers
 
 
