@@ -19,7 +19,6 @@ checkpoints with exact resume (checkpoint.py), and a report (report.json + repor
     RUN/report.json, report.png  curves and metrics of every stage run into RUN
 """
 import contextlib
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ class TrainOptions:
     one_step_share: float = 0.25    # rows drawn at (t, r) = (1, 0), the one-step generation the model serves
     image_weight: float = 1.0       # MS-SSIM + gradient (or LPIPS) on decoded pixels, rows with t < image_t_max
     image_t_max: float = 0.8
+    image_samples: int = 1          # samples per step decoded for the image, mouth and sync losses
     mouth_weight: float = 1.0       # L1 on the mouth box of the decoded pixels
     sync_weight: float = 0.1        # stage 2: the SyncNet loss, ramped from 0 over sync_ramp of the steps
     sync_ramp: float = 0.5
@@ -117,20 +117,26 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
 
     out = pmf_loss(predict_x, batch["x"], eps, t, r)
     losses = {"pmf": out["loss"]}
+    # Decoding is the step's dearest part (the VAE decoder costs ~20x the tiny U-Net per frame): at most
+    # options.image_samples samples go through it, those with t < image_t_max first (pMF's perceptual range),
+    # then, for the sync loss only, any others.
     near = t < options.image_t_max
-    decode_rows = torch.ones_like(near) if syncnet is not None and sync_weight > 0 else near
-    if decode_rows.any():
-        pixels = decode(model.vae, model.latent_stats, out["x_pred"][decode_rows]).float()
-        target = batch["pixels"][decode_rows]
-        picked = near[decode_rows]
-        if picked.any() and (options.image_weight or options.mouth_weight):
+    use_sync = syncnet is not None and sync_weight > 0
+    order = torch.argsort((~near).to(torch.int8), stable=True)
+    chosen = order[:options.image_samples]
+    chosen = chosen if use_sync else chosen[near[chosen]]
+    if chosen.numel():
+        pixels = decode(model.vae, model.latent_stats, out["x_pred"][chosen]).float()
+        target = batch["pixels"][chosen]
+        picked = near[chosen]
+        if picked.any():
             losses["image"] = image_loss(pixels[picked], target[picked])
-            mask = mouth_mask(batch["mouth_box"][decode_rows][picked], target.shape[-1])
+            mask = mouth_mask(batch["mouth_box"][chosen][picked], target.shape[-1])
             losses["mouth"] = ((pixels[picked] - target[picked]).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
-        if syncnet is not None and sync_weight > 0:
+        if use_sync:
             from .syncnet import lower_half, sync_loss
 
-            losses["sync"] = sync_loss(syncnet, lower_half(pixels), batch["windows"][decode_rows])
+            losses["sync"] = sync_loss(syncnet, lower_half(pixels), batch["windows"][chosen])
     if extra.get("indexer") is not None:
         losses["indexer"] = extra["indexer"]
     weights = {"pmf": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "sync": sync_weight,
@@ -144,12 +150,13 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
     returns the History. `callback(step)` runs after each step's checkpoint (tests inject a crash there)."""
     from tqdm import tqdm
 
-    from .image_losses import ImageLoss
-
     folder = Path(out) / f"stage{stage}"
     folder.mkdir(parents=True, exist_ok=True)
     history = history if history is not None else History()
-    image_loss = image_loss or ImageLoss()
+    if image_loss is None:
+        from .image_losses import ImageLoss
+
+        image_loss = ImageLoss()
     device = next(model.unet.parameters()).device
 
     # --- the model, the optimizer and their schedule
@@ -236,9 +243,7 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
     bar.close()
 
     # --- the EMA model, for generate / eval / stage 2
-    final = copy.deepcopy(model)
-    ema.copy_to(trainable_modules(final))
-    final.save(folder / "model.pt")
+    ema_model(model, ema).save(folder / "model.pt")
     write_report(history, out, title=f"musetalk-fast train ({model.config.image_size} px, stage {stage})")
     return history
 
@@ -248,7 +253,12 @@ def evaluate_ema(model, ema, clips):
     from .evaluate import evaluate
     from .generation import clip_generator
 
-    final = copy.deepcopy(model)
-    ema.copy_to(trainable_modules(final))
-    final.eval()
-    return evaluate(clip_generator(final), clips)
+    return evaluate(clip_generator(ema_model(model, ema).eval()), clips)
+
+
+def ema_model(model, ema):
+    """A copy of `model` (a MuseTalk) with the EMA weights in its trainable parts."""
+    copied = type(model)(model.config)
+    copied.load_state_dict(model.state_dict())
+    ema.copy_to(trainable_modules(copied))
+    return copied.to(next(model.unet.parameters()).device)
