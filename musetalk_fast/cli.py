@@ -4,6 +4,7 @@
         [--force] [--contact-sheets] [--snr-db 20] [--reverb 0.3]
     musetalk-fast check-data --data DIR      # a real (or synthetic) folder: clips, identities, length mismatches
     musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
+    musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S]
 """
 import argparse
 import sys
@@ -131,11 +132,67 @@ def _generate(args, parser):
     return 0
 
 
+def _add_train(subcommands):
+    parser = subcommands.add_parser(
+        "train", help="train the model: stage 1 (pixel MeanFlow reconstruction), stage 2 (Engram + lip sync), or both",
+        description="Train on the 'train' identities of --data (the synthetic layout, with ground truth), evaluate "
+                    "on its val/test identities, write RUN/stage<k>/checkpoint.pt (resume), RUN/stage<k>/model.pt "
+                    "(EMA weights) and RUN/report.json/.png. Without --stage: both stages. docs/train.md.")
+    parser.add_argument("--data", required=True, help="the data folder (musetalk-fast make-data)")
+    parser.add_argument("--out", required=True, help="the run folder")
+    parser.add_argument("--config", default="tiny", help="named model config: tiny (default) or default")
+    parser.add_argument("--stage", type=int, choices=(1, 2), help="one stage (default: 1 then 2)")
+    parser.add_argument("--steps", type=int, help="steps per stage (default: per config and stage)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/stage<k>/checkpoint.pt")
+    parser.add_argument("--vae", help="a train-vae folder (default: train one into RUN/vae)")
+    parser.add_argument("--syncnet", help="a train-syncnet file for stage 2 (default: train one into RUN/syncnet.pt)")
+    parser.add_argument("--init", help="stage 2's starting model (default RUN/stage1/model.pt)")
+    parser.add_argument("--batch", type=int, default=None, help="clips per step (default 4)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
+    parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_train)
+    return parser
+
+
+def _train(args, parser):
+    from dataclasses import replace
+
+    from .model.config import ModelConfig
+    from .train.pipeline import TrainArgumentError, run_train
+    from .train.trainer import TrainOptions
+
+    try:
+        config = ModelConfig.named(args.config)
+    except ValueError as error:
+        parser.error(f"argument --config: {error}")
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--eval-every", args.eval_every)):
+        if value is not None and value < (0 if flag == "--eval-every" else 1):
+            parser.error(f"argument {flag}: must be {'>= 0' if flag == '--eval-every' else '>= 1'} (got {value})")
+    options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
+    overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every}
+    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        history = run_train(args.data, args.out, config, stages=(args.stage,) if args.stage else (1, 2),
+                            steps=args.steps, resume=args.resume, vae=args.vae, syncnet=args.syncnet, init=args.init,
+                            options=options, progress=not args.no_progress, device=args.device)
+    except TrainArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    last = history.evals[-1] if history.evals else {}
+    print(f"wrote {args.out}/report.json and report.png" + (
+        f"; held-out opening correlation {last['opening_correlation']:.3f}, silent frames closed "
+        f"{last['silent_closed_share']:.1%}" if "opening_correlation" in last else ""))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="musetalk-fast", description="musetalk_fast: data, training and evaluation")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands),
-               "generate": _add_generate(subcommands)}
+               "generate": _add_generate(subcommands), "train": _add_train(subcommands)}
     return parser, parsers
 
 

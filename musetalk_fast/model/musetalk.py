@@ -49,9 +49,13 @@ class MuseTalk(nn.Module):
         audio, codes = self.audio_features(windows)
         if noise is None:
             noise = torch.randn_like(masked)
+        return self.one_step(noise, masked, reference, audio, codes)
+
+    def one_step(self, noise, masked, reference, audio, codes):
+        """x = unet(noise, masked, reference, audio, codes, t=1, r=0): the MeanFlow jump from t = 1 (noise)
+        to r = 0 (data) in one step; noise is broadcast to the latents' shape [B, F, C, h, w]."""
+        t = torch.ones(masked.shape[0], device=masked.device, dtype=masked.dtype)
         noise = noise.to(masked.dtype).expand_as(masked)
-        batch = masked.shape[0]
-        t = torch.ones(batch, device=masked.device, dtype=masked.dtype)
         return self.unet(noise, masked, reference, audio, codes, t, torch.zeros_like(t))
 
     # ---- checkpoint ----------------------------------------------------------------------------------
