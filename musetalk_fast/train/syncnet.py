@@ -151,17 +151,19 @@ def info_nce(visual, audio, windows, positives, scale):
     return F.cross_entropy(logits, positives)
 
 
-def contrastive_loss(syncnet, frames, windows, prepared=False):
-    """The SyncNet's training loss. frames [B, F, 3, h, w] (prepared: see SyncNet.embed_frames); windows [B, F + 2k, W, n_mels]: the windows of
-    the clip's frames s - k .. s + F - 1 + k around the F frames s .. s + F - 1, so that every frame's
-    in-clip offsets +-k are candidates (with every other window of the batch)."""
+def contrastive_loss(syncnet, frames, windows, prepared=False, heard=None):
+    """The SyncNet's training loss. frames [B, F, 3, h, w] (prepared: see SyncNet.embed_frames); windows
+    [B, F + 2k, W, n_mels]: the windows of the clip's frames s - k .. s + F - 1 + k around the F frames
+    s .. s + F - 1, so that every frame's in-clip offsets +-k are candidates (with every other window of the
+    batch). `heard` (same shape as windows; default windows) is what the audio encoder gets, e.g. augmented
+    windows; which candidates are the same audio is decided on `windows`."""
     k = syncnet.sync.offsets
     batch, count = frames.shape[:2]
     if windows.shape[:2] != (batch, count + 2 * k):
         raise ValueError(f"windows must have shape [B, F + 2k, ...] = [{batch}, {count + 2 * k}, ...] for frames "
                          f"{tuple(frames.shape)} and offsets k = {k} (got {tuple(windows.shape)})")
     visual = syncnet.embed_frames(frames, prepared).flatten(0, 1)
-    audio = syncnet.embed_audio(windows).flatten(0, 1)
+    audio = syncnet.embed_audio(windows if heard is None else heard).flatten(0, 1)
     positives = (torch.arange(batch)[:, None] * (count + 2 * k) + k + torch.arange(count)[None]).flatten()
     return info_nce(visual, audio, windows.flatten(0, 1), positives.to(visual.device), syncnet.scale)
 
