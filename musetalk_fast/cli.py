@@ -5,6 +5,8 @@
     musetalk-fast check-data --data DIR      # a real (or synthetic) folder: clips, identities, length mismatches
     musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
     musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S]
+    musetalk-fast train-vae --data DIR --out VAE [--config tiny] [--steps N]   # the 16-channel VAE (docs/model.md)
+    musetalk-fast prepare --data DIR --vae VAE --out SHARDS [--config tiny]   # latents + audio to .npy shards
 """
 import argparse
 import sys
@@ -185,6 +187,86 @@ def _train(args, parser):
     print(f"wrote {args.out}/report.json and report.png" + (
         f"; held-out opening correlation {last['opening_correlation']:.3f}, silent frames closed "
         f"{last['silent_closed_share']:.1%}" if "opening_correlation" in last else ""))
+def _add_train_vae(subcommands):
+    from .model.config import CONFIGS
+
+    parser = subcommands.add_parser(
+        "train-vae", help="train the 16-channel VAE on the frames of a data folder",
+        description="Train the VAE (L1 + mouth-weighted L1 + MS-SSIM + gradient loss + small KL) on the frames of "
+                    "--data, measure its reconstruction PSNR on held-out frames (whole image and mouth box) and "
+                    "the per-channel latent statistics, and save it as a diffusers folder at --out "
+                    "(docs/model.md).")
+    parser.add_argument("--data", required=True, help="data folder (musetalk-fast make-data, or real clips)")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or new, unless --force)")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps (default 400)")
+    parser.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
+    parser.add_argument("--crop", type=int, default=None, help="crop size in pixels (default half the image)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_train_vae)
+    return parser
+
+
+def _train_vae(args, parser):
+    from .data import DataArgumentError
+    from .model.config import ModelConfig
+    from .train.vae import VAETraining, run_train_vae
+
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0)):
+        if value < low:
+            parser.error(f"argument {flag}: must be >= {low} (got {value})")
+    if not args.lr > 0:
+        parser.error(f"argument --lr: must be positive (got {args.lr})")
+    training = VAETraining(steps=args.steps, batch=args.batch, crop_size=args.crop, lr=args.lr, seed=args.seed,
+                           max_minutes=args.max_minutes)
+    try:
+        report = run_train_vae(args.data, ModelConfig.named(args.config), args.out, training, force=args.force,
+                               progress=not args.no_progress)
+    except DataArgumentError as error:
+        flag = {"crop_size": "--crop"}.get(error.argument, f"--{error.argument}")
+        parser.error(f"argument {flag}: {error.reason}")
+    metrics = report["eval"]
+    mouth = f", mouth {metrics['mouth_psnr_db']:.2f} dB" if "mouth_psnr_db" in metrics else ""
+    print(f"trained the VAE for {report['steps']} steps in {report['train_seconds']:.0f} s; held-out PSNR "
+          f"{metrics['psnr_db']:.2f} dB{mouth}, MS-SSIM {metrics['ms_ssim']:.4f}; saved to {args.out}")
+    return 0
+
+
+def _add_prepare(subcommands):
+    from .model.config import CONFIGS
+
+    parser = subcommands.add_parser(
+        "prepare", help="precompute latents, audio windows and codes of a data folder to .npy shards",
+        description="Encode every clip of --data with the VAE of --vae (a train-vae folder): latents of the "
+                    "frames and of the lower-half-masked frames, audio feature windows, audio codes (a k-means "
+                    "codebook fitted on the train split), the frames and per-frame ground truth, as .npy files "
+                    "under --out with manifest.json (docs/model.md).")
+    parser.add_argument("--data", required=True, help="data folder (musetalk-fast make-data, or real clips)")
+    parser.add_argument("--vae", required=True, help="the VAE folder written by musetalk-fast train-vae")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or new, unless --force)")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing earlier shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_prepare)
+    return parser
+
+
+def _prepare(args, parser):
+    from .model.config import ModelConfig
+    from .data import DataArgumentError
+    from .model.shards import prepare_shards
+
+    try:
+        manifest = prepare_shards(args.data, args.vae, args.out, ModelConfig.named(args.config), force=args.force,
+                                  progress=not args.no_progress)
+    except DataArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    frames = sum(entry["num_frames"] for entry in manifest["clips"])
+    print(f"wrote shards of {len(manifest['clips'])} clips ({frames} frames) to {args.out}")
     return 0
 
 
@@ -192,7 +274,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="musetalk-fast", description="musetalk_fast: data, training and evaluation")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands),
-               "generate": _add_generate(subcommands), "train": _add_train(subcommands)}
+               "generate": _add_generate(subcommands), "train": _add_train(subcommands),
+               "train-vae": _add_train_vae(subcommands), "prepare": _add_prepare(subcommands)}
     return parser, parsers
 
 

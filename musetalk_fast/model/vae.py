@@ -187,7 +187,8 @@ def to_model_images(frames, image_size=None):
     """uint8 frames [N, 3, H, W] (torch) or [N, H, W, 3] (numpy) -> float32 [N, 3, S, S] in [-1, 1], resized to
     image_size (area interpolation) when it differs."""
     if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        frames = np.ascontiguousarray(frames)
+        frames = torch.from_numpy(frames if frames.flags.writeable else frames.copy()).permute(0, 3, 1, 2)
     images = frames.float() / 127.5 - 1.0
     if image_size is not None and images.shape[-1] != image_size:
         images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="area")
