@@ -84,7 +84,6 @@ def provide_syncnet(syncnet, train_clips, config, out, progress):
     import torch
 
     from .syncnet import load_syncnet, syncnet_state
-    from .syncnet_training import train_syncnet
 
     if syncnet is not None:
         if not Path(syncnet).is_file():
@@ -92,6 +91,8 @@ def provide_syncnet(syncnet, train_clips, config, out, progress):
         return load_syncnet(syncnet)
     path = Path(out) / "syncnet.pt"
     if not path.is_file():
+        from .syncnet_training import train_syncnet
+
         print(f"no --syncnet: training one into {path}")
         trained, _ = train_syncnet(train_clips, config, steps=SYNCNET_STEPS.get(config_name(config), 200),
                                    progress=progress)
@@ -137,6 +138,7 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
     started = time.perf_counter()
     for stage in stages:
         stage_steps = steps or DEFAULT_STEPS.get(name, DEFAULT_STEPS["tiny"])[stage]
+        torch.manual_seed(options.seed)  # the random init: the same run twice is the same run
         if stage == 1:
             model = build_stage1_model(config, provide_vae(vae, data, config, out, progress), train_clips, device)
             frozen_syncnet = None
