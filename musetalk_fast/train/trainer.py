@@ -257,8 +257,10 @@ def evaluate_ema(model, ema, clips):
 
 
 def ema_model(model, ema):
-    """A copy of `model` (a MuseTalk) with the EMA weights in its trainable parts."""
-    copied = type(model)(model.config)
+    """A copy of `model` (a MuseTalk) with the EMA weights in its trainable parts. Building it draws a random
+    init, from a forked generator: evaluating leaves the training's random stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        copied = type(model)(model.config)
     copied.load_state_dict(model.state_dict())
     ema.copy_to(trainable_modules(copied))
     return copied.to(next(model.unet.parameters()).device)
