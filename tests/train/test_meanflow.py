@@ -121,6 +121,8 @@ def test_finite_difference_jvp_matches_forward_mode_on_the_reference_op_unet():
     from musetalk_fast.ops import use_reference_ops
 
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine two spinning OpenMP threads are far slower (test_trainer.py)
     config = ModelConfig.named("tiny")
     unet = MuseTalkUNet(config).double().eval()
     with torch.no_grad():
