@@ -49,7 +49,8 @@ def encode_clips(model, clips, margins=(0,), batch=32, clean=True):
         if clip.frames.shape[1] != config.image_size:
             raise ValueError(f"clip frames must be {config.image_size} px (read_folder(root, config.image_size))")
         images = to_model_images(clip.frames)
-        latents = torch.cat([encode(model.vae, model.latent_stats, images[i:i + batch]) for i in range(0, count, batch)])
+        latents = torch.cat([encode(model.vae, model.latent_stats, images[i:i + batch])
+                             for i in range(0, count, batch)])
         masked = {}
         for margin in margins:
             hidden = mask_lower_half(images, margin)

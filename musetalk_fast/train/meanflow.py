@@ -39,7 +39,8 @@ float32), ~1.2e-7 / h relative. Both are ~1e-3 at h = 1e-4: DEFAULT_STEP. Measur
 random-weight tiny U-Net (reference ops, torch.func.jvp in float64 as the truth), max error / max
 |JVP| of the float32 difference: 1.3e-3 at h = 1e-4; 1.1e-2 at 3e-4 (truncation); 1.7e-3 at 3e-5 and
 4.5e-3 at 1e-5 (rounding); float64 weights give the same 1.3e-3 at 1e-4 (the float32 embedding). The
-one-sided stencils have larger constants: 3.4e-3 (backward, at t = 1) and 3.1e-3 (forward). A network without a fast time embedding (the tests' small MLP in float64) reaches 1e-7
+one-sided stencils have larger constants: 3.2e-3 (backward, at t = 1) and 2.3e-3 (forward). A network
+without a fast time embedding (the tests' small MLP in float64) reaches 1e-7
 with a smaller step. The two extra forwards run without autograd and in float32 at least, autocast
 off (two bf16 outputs 1e-4 apart would differ by rounding alone), so they cost two forward passes
 and no activation memory. Rows with r = t skip them: their JVP is multiplied by t - r = 0.

@@ -160,7 +160,8 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
         history.info[f"stage{stage}_encode_seconds"] = time.perf_counter() - tick
         print(f"stage {stage}: {len(clips)} training clips, label cleaning dropped "
               f"{counts['frames'] - counts['kept']} of {counts['frames']} frames "
-              f"({counts['speech_closed']} speech with a closed mouth, {counts['silent_open']} silence with an open one)")
+              f"({counts['speech_closed']} speech with a closed mouth, "
+              f"{counts['silent_open']} silence with an open one)")
         tick = time.perf_counter()
         train_stage(model, stage, clips, eval_clips, out, stage_steps, options, resume_run=resume,
                     syncnet=frozen_syncnet, progress=progress, history=history, callback=callback)

@@ -57,6 +57,7 @@ class TrainOptions:
     mouth_weight: float = 1.0       # L1 on the mouth box of the decoded pixels
     sync_weight: float = 0.1        # stage 2: the SyncNet loss, ramped from 0 over sync_ramp of the steps
     sync_ramp: float = 0.5
+    indexer_weight: float = 0.01    # the temporal attention's indexer KL loss (DSA), when the U-Net reports one
     max_margin: int = 16            # stage 2: Dynamic Margin Sampling's largest extra mask margin (pixels)
     checkpoint_every: int = 25
     eval_every: int = 0             # 0: evaluate at the end of the stage only
@@ -140,7 +141,7 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     if extra.get("indexer") is not None:
         losses["indexer"] = extra["indexer"]
     weights = {"pmf": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "sync": sync_weight,
-               "indexer": 0.01}
+               "indexer": options.indexer_weight}
     return losses, weights, out["mse"]
 
 
