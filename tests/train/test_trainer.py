@@ -119,3 +119,19 @@ def test_bad_input_is_named(setup, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", str(root / "data"), "--out", str(tmp_path / "run"), "--steps", "0"])
     assert exit_info.value.code == 2
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_the_loss(setup, tmp_path, monkeypatch):
+    from musetalk_fast.train import trainer
+
+    real = trainer.pmf_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "pmf_loss", poisoned)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"^step 1: loss 'pmf' is nan"):
+        _run(setup, tmp_path / "nan", (1,), options=_options())
+    assert not (tmp_path / "nan" / "stage1" / "checkpoint.pt").exists()
