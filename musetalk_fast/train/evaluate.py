@@ -18,9 +18,10 @@ frames, audio, ground truth) and measures the generated mouths with the data pac
   is closed: a measured gap at most CLOSED_FRACTION of the identity's measured range above the bottom of
   that range (the range: min and 99th percentile of the gap measured on that identity's ground-truth
   frames in `clips`). Relative, so it holds for small and wide mouths and at any resolution.
-- mouth_psnr, mouth_ssim: PSNR (dB, 8-bit) and SSIM (Wang et al. 2004: Gaussian window sigma 1.5, per RGB
-  channel, averaged) of the generated vs ground-truth frame in the mouth box grown by MOUTH_MARGIN pixels,
-  per frame, averaged. Identical pixels give PSNR_CAP.
+- mouth_psnr, mouth_ssim: PSNR (dB) and SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, per RGB
+  channel, averaged; train/image_losses.py) of the generated vs ground-truth frame in the mouth region
+  (`mouth_crops`: one size per clip, the largest measurement box grown by MOUTH_MARGIN pixels on each side,
+  centred on the frame's box), per frame, averaged. Identical pixels give PSNR_CAP.
 - fps: generated frames per second of wall time spent inside generate_fn.
 
 Generated frames of another size than the clip's are resized to it (bilinear) before measuring.
@@ -29,12 +30,14 @@ import time
 
 import cv2
 import numpy as np
+import torch
 
 from ..data.realism import _correlation as pearson
 from ..data.realism import mouth_gap_pixels
+from .image_losses import psnr, ssim
 
 CLOSED_FRACTION = 0.1  # closed: gap <= bottom + 0.1 * (range) of the identity's measured opening
-MOUTH_MARGIN = 8       # pixels around the ground-truth mouth box for PSNR/SSIM
+MOUTH_MARGIN = 8       # pixels around the mouth box for PSNR/SSIM
 PSNR_CAP = 100.0       # dB, for identical pixels
 
 
@@ -59,29 +62,24 @@ def closed_threshold(truth_gaps):
     return bottom + CLOSED_FRACTION * (top - bottom)
 
 
-def _crops(frames, truth):
-    height, width = frames.shape[1:3]
-    for frame, (x0, y0, x1, y1) in zip(frames, np.round(np.asarray(truth["mouth_box"])).astype(int)):
-        yield frame[max(y0 - MOUTH_MARGIN, 0):min(y1 + MOUTH_MARGIN, height),
-                    max(x0 - MOUTH_MARGIN, 0):min(x1 + MOUTH_MARGIN, width)].astype(np.float64)
+def mouth_crops(frames, truth):
+    """uint8 [T, h, w, 3]: per frame, the region of one size per clip (the largest measurement box grown by
+    MOUTH_MARGIN on each side) centred on the frame's measurement box, kept inside the frame."""
+    boxes = measurement_boxes(truth)
+    frame_height, frame_width = frames.shape[1:3]
+    width = min(int(np.ceil((boxes[:, 2] - boxes[:, 0]).max())) + 2 * MOUTH_MARGIN, frame_width)
+    height = min(int(np.ceil((boxes[:, 3] - boxes[:, 1]).max())) + 2 * MOUTH_MARGIN, frame_height)
+    x0 = np.clip(np.round((boxes[:, 0] + boxes[:, 2] - width) / 2).astype(int), 0, frame_width - width)
+    y0 = np.clip(np.round((boxes[:, 1] + boxes[:, 3] - height) / 2).astype(int), 0, frame_height - height)
+    return np.stack([frame[y:y + height, x:x + width] for frame, x, y in zip(frames, x0, y0)])
 
 
-def psnr(a, b):
-    mse = np.mean((a - b) ** 2)
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * np.log10(255.0 ** 2 / mse))
-
-
-def ssim(a, b, sigma=1.5, data_range=255.0):
-    """Mean SSIM of two images [h, w, c] (Wang et al. 2004, Gaussian-weighted local statistics)."""
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-
-    def blur(x):
-        return cv2.GaussianBlur(x, (11, 11), sigma, borderType=cv2.BORDER_REFLECT)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return float(score.mean())
+def mouth_quality(generated, truth):
+    """Per-frame (PSNR in dB capped at PSNR_CAP, SSIM) [T] of two uint8 crop stacks [T, h, w, 3]
+    (image_losses.psnr and .ssim, on [-1, 1] pixels)."""
+    pair = [torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            for crops in (generated, truth)]
+    return psnr(*pair).clamp(max=PSNR_CAP).numpy(), ssim(*pair).numpy()
 
 
 def _check_generated(generated, clip):
@@ -112,13 +110,13 @@ def evaluate(generate_fn, clips):
         truth_gap = measure_gap(clip.frames, clip.truth)
         truth_gaps.setdefault(clip.identity, []).append(truth_gap)
         gap = measure_gap(generated, clip.truth)
-        quality = [(psnr(g, t), ssim(g, t)) for g, t in zip(_crops(generated, clip.truth), _crops(clip.frames, clip.truth))]
+        quality = np.stack(mouth_quality(mouth_crops(generated, clip.truth), mouth_crops(clip.frames, clip.truth)), 1)
         results.append({"clip": clip, "gap": gap, "truth_gap": truth_gap, "quality": quality})
     thresholds = {name: closed_threshold(np.concatenate(gaps)) for name, gaps in truth_gaps.items()}
     correlations = [pearson(r["gap"], r["clip"].truth["mouth_open"]) for r in results]
     closed = np.concatenate([r["gap"][~np.asarray(r["clip"].truth["speaking"], bool)] <= thresholds[r["clip"].identity]
                              for r in results])
-    quality = np.array([q for r in results for q in r["quality"]])
+    quality = np.concatenate([r["quality"] for r in results])
     std_ratios = [r["gap"].std() / r["truth_gap"].std() for r in results if r["truth_gap"].std() > 0]
     frames = sum(len(r["gap"]) for r in results)
     return {
@@ -146,3 +144,33 @@ def reference_index(clip, rule="open"):
     if rule not in REFERENCE_RULES:
         raise ValueError(f"reference rule must be one of {REFERENCE_RULES} (got {rule!r})")
     return int(np.argmax(clip.truth["mouth_open"])) if rule == "open" else 0
+
+
+
+def run_eval(checkpoint, data, split="test", reference="open", seed=0, device=None):
+    """`musetalk-fast eval`: the MuseTalk checkpoint's metrics on the `split` clips of a data folder, read at
+    the data's own resolution (the generator resizes to its image size; evaluate resizes back). Bad input
+    raises TrainArgumentError naming the argument."""
+    from pathlib import Path
+
+    from ..data.face import SIZE
+    from ..model.folder import read_folder
+    from ..model.musetalk import MuseTalk
+    from .generation import clip_generator
+    from .pipeline import TrainArgumentError, eval_clip
+
+    if not Path(data).is_dir():
+        raise TrainArgumentError("data", f"{data} is not a folder")
+    try:
+        model = MuseTalk.load(checkpoint)
+    except ValueError as error:
+        raise TrainArgumentError("checkpoint", str(error)) from error
+    try:
+        clips = [eval_clip(clip) for clip in read_folder(data, SIZE, (split,)) if clip.truth]
+    except ValueError as error:
+        raise TrainArgumentError("data", str(error).removeprefix("data ")) from error
+    if not clips:
+        raise TrainArgumentError("data", f"{data} has no clip with ground truth (<clip>.json) in split {split!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    return evaluate(clip_generator(model, seed=seed, reference_rule=reference), clips)

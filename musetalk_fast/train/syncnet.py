@@ -4,7 +4,9 @@ InfoNCE objective, Radford et al. 2021, in place of its cosine BCE).
 
 Two encoders map to unit embeddings of width `dim`:
     visual  the lower half of the face at frame i and `visual_context` frames each side (stacked on
-            channels; at the ends of the F frames given, the end frame repeats), resized to `face_size`
+            channels; at the ends of the F frames given, the end frame repeats), cropped to where the
+            mouth is in a face crop (`crop`: the top three quarters, the middle half of the width) and
+            resized to `face_size`
     audio   the log-mel window of frame i [window_mels, n_mels] (+-context video frames of audio)
 Their cosine times a learned scale is the sync logit. Training (`contrastive_loss`) asks each frame's
 visual embedding to pick its own audio window among the other windows of the batch, with the windows
@@ -24,9 +26,10 @@ from ..model.config import ModelConfig
 
 @dataclass
 class SyncNetConfig:
-    face_size: tuple = (48, 96)            # (height, width) the lower half of the face is resized to
+    crop: tuple = (0.0, 0.75, 0.25, 0.75)  # (top, bottom, left, right) of the lower face kept, in fractions
+    face_size: tuple = (48, 64)            # (height, width) the crop is resized to
     visual_context: int = 1                # frames each side of the centre frame the visual encoder sees
-    visual_channels: tuple = (32, 64, 128, 128)  # one stride-2 conv per entry
+    visual_channels: tuple = (32, 64, 128)  # one stride-2 conv per entry
     audio_channels: int = 128
     dim: int = 128                         # embedding width
     offsets: int = 3                       # k: in-clip offsets +-k are the hard negatives and the accuracy's candidates
@@ -70,14 +73,25 @@ class SyncNet(nn.Module):
         self.audio_mean.copy_(flat.mean(0))
         self.audio_std.copy_(flat.std(0).clamp_min(1e-3))
 
-    def embed_frames(self, frames):
-        """frames [B, F, 3, h, w] (lower halves of faces, any size, values in [-1, 1]) -> unit [B, F, dim]."""
+    def prepare_faces(self, frames):
+        """Lower faces [..., 3, h, w] (any size) -> the encoder's input [..., 3, *face_size]: crop, then resize
+        (antialiased bilinear; differentiable)."""
+        height, width = frames.shape[-2:]
+        top, bottom, left, right = self.sync.crop
+        x = frames[..., round(top * height):round(bottom * height), round(left * width):round(right * width)]
+        x = x.reshape(-1, *x.shape[-3:]).float()
+        x = F.interpolate(x, size=self.sync.face_size, mode="bilinear", align_corners=False, antialias=True)
+        return x.reshape(*frames.shape[:-2], *x.shape[-2:])
+
+    def embed_frames(self, frames, prepared=False):
+        """frames [B, F, 3, h, w] (lower halves of faces, any size, values in [-1, 1]; or, with prepared=True,
+        the output of prepare_faces) -> unit [B, F, dim]."""
         check_frames(frames, "frames")
         batch, count = frames.shape[:2]
-        x = frames.reshape(batch * count, *frames.shape[2:]).float()
-        if tuple(x.shape[-2:]) != tuple(self.sync.face_size):
-            x = F.interpolate(x, size=self.sync.face_size, mode="bilinear", align_corners=False, antialias=True)
-        x = x.reshape(batch, count, *x.shape[1:])
+        if prepared and tuple(frames.shape[-2:]) != tuple(self.sync.face_size):
+            raise ValueError(f"prepared frames must be [B, F, 3, {self.sync.face_size[0]}, {self.sync.face_size[1]}] "
+                             f"(face_size; got {tuple(frames.shape)})")
+        x = frames.float() if prepared else self.prepare_faces(frames)
         c = self.sync.visual_context
         neighbours = (torch.arange(count)[:, None] + torch.arange(-c, c + 1)[None]).clamp(0, count - 1)
         x = x[:, neighbours].flatten(2, 3).flatten(0, 1)  # [B * F, (2c + 1) * 3, H, W]
@@ -137,17 +151,19 @@ def info_nce(visual, audio, windows, positives, scale):
     return F.cross_entropy(logits, positives)
 
 
-def contrastive_loss(syncnet, frames, windows):
-    """The SyncNet's training loss. frames [B, F, 3, h, w]; windows [B, F + 2k, W, n_mels]: the windows of
-    the clip's frames s - k .. s + F - 1 + k around the F frames s .. s + F - 1, so that every frame's
-    in-clip offsets +-k are candidates (with every other window of the batch)."""
+def contrastive_loss(syncnet, frames, windows, prepared=False, heard=None):
+    """The SyncNet's training loss. frames [B, F, 3, h, w] (prepared: see SyncNet.embed_frames); windows
+    [B, F + 2k, W, n_mels]: the windows of the clip's frames s - k .. s + F - 1 + k around the F frames
+    s .. s + F - 1, so that every frame's in-clip offsets +-k are candidates (with every other window of the
+    batch). `heard` (same shape as windows; default windows) is what the audio encoder gets, e.g. augmented
+    windows; which candidates are the same audio is decided on `windows`."""
     k = syncnet.sync.offsets
     batch, count = frames.shape[:2]
     if windows.shape[:2] != (batch, count + 2 * k):
         raise ValueError(f"windows must have shape [B, F + 2k, ...] = [{batch}, {count + 2 * k}, ...] for frames "
                          f"{tuple(frames.shape)} and offsets k = {k} (got {tuple(windows.shape)})")
-    visual = syncnet.embed_frames(frames).flatten(0, 1)
-    audio = syncnet.embed_audio(windows).flatten(0, 1)
+    visual = syncnet.embed_frames(frames, prepared).flatten(0, 1)
+    audio = syncnet.embed_audio(windows if heard is None else heard).flatten(0, 1)
     positives = (torch.arange(batch)[:, None] * (count + 2 * k) + k + torch.arange(count)[None]).flatten()
     return info_nce(visual, audio, windows.flatten(0, 1), positives.to(visual.device), syncnet.scale)
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from musetalk_fast.train.evaluate import PSNR_CAP, evaluate, reference_index, ssim
+from musetalk_fast.train.evaluate import PSNR_CAP, evaluate, mouth_quality, reference_index
 
 
 def test_ground_truth_generator_scores_perfectly(heldout_clips):
@@ -50,12 +50,16 @@ def test_half_resolution_and_noise_degrade_gracefully(heldout_clips):
     assert 20 < metrics["mouth_psnr"] < PSNR_CAP and 0.5 < metrics["mouth_ssim"] < 1
 
 
-def test_ssim_matches_a_known_value():
-    """SSIM of an image with itself is 1; against a constant shift c of a flat image: (2 m (m + c) + C1) / (m^2 + (m + c)^2 + C1)."""
-    flat = np.full((20, 20, 3), 100.0)
-    assert ssim(flat, flat) == pytest.approx(1.0)
+def test_mouth_quality_matches_known_values():
+    """Identical crops: PSNR capped, SSIM 1. Flat crops m and m + c: MSE c^2, and SSIM's luminance term alone,
+    (2 m (m + c) + C1) / (m^2 + (m + c)^2 + C1) with C1 = (0.01 * 255)^2 on the 8-bit scale."""
+    flat = np.full((1, 20, 20, 3), 100, np.uint8)
+    psnr, ssim = mouth_quality(flat, flat)
+    assert psnr[0] == PSNR_CAP and ssim[0] == pytest.approx(1.0)
     c1 = (0.01 * 255) ** 2
-    assert ssim(flat, flat + 20) == pytest.approx((2 * 100 * 120 + c1) / (100 ** 2 + 120 ** 2 + c1))
+    psnr, ssim = mouth_quality(flat + 20, flat)
+    assert psnr[0] == pytest.approx(10 * np.log10(255 ** 2 / 20 ** 2))
+    assert ssim[0] == pytest.approx((2 * 100 * 120 + c1) / (100 ** 2 + 120 ** 2 + c1), rel=1e-3)  # float32
 
 
 def test_bad_generator_output_is_named(heldout_clips):
