@@ -132,7 +132,7 @@ class ClipSampler:
 
 def mouth_mask(mouth_box, size, grow=4):
     """float [B, F, 1, S, S]: 1 inside each frame's mouth box grown by `grow` pixels, 0 elsewhere."""
-    rows = torch.arange(size, dtype=torch.float32)
+    rows = torch.arange(size, dtype=torch.float32, device=mouth_box.device)
     box = mouth_box.float()
     inside_y = (rows >= box[..., 1:2] - grow) & (rows < box[..., 3:4] + grow)
     inside_x = (rows >= box[..., 0:1] - grow) & (rows < box[..., 2:3] + grow)

@@ -104,14 +104,20 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     """The losses of one batch (a dict of scalars) and the U-Net's indexer loss if any."""
     from ..model.vae import decode
 
+    from ..model.vae import lower_half_mask
+
     unet = model.unet
     audio = model.audio_encoder(batch["windows"])
     extra = {}
+    # the latent rows each sample's mask covers (Dynamic Margin Sampling moves its top up by margin // 8 rows)
+    size = batch["x"].shape[-1]
+    mask = lower_half_mask(size, batch["margin"].cpu() // 8).to(batch["x"].device).unsqueeze(1)  # [B, 1, 1, h, w]
 
     def predict_x(z, tt, rr, rows=None):
         pick = slice(None) if rows is None else rows
         tokens = audio[pick] if rows is None else audio[pick].detach()
-        x = unet(z, batch["masked"][pick], batch["reference"][pick], tokens, batch["codes"][pick], tt, rr)
+        x = unet(z, batch["masked"][pick], batch["reference"][pick], tokens, batch["codes"][pick], tt, rr,
+                 mask=mask[pick])
         if rows is None:  # the finite-difference calls that follow overwrite the indexer's loss
             extra["indexer"] = unet.indexer_loss()
         return x
@@ -130,10 +136,13 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
         pixels = decode(model.vae, model.latent_stats, out["x_pred"][chosen]).float()
         target = batch["pixels"][chosen]
         picked = near[chosen]
+        # the image losses in float32: MS-SSIM's ratios of small local variances underflow in bf16 (-inf seen)
+        full = torch.autocast(pixels.device.type, enabled=False)
         if picked.any():
-            losses["image"] = image_loss(pixels[picked], target[picked])
-            mask = mouth_mask(batch["mouth_box"][chosen][picked], target.shape[-1])
-            losses["mouth"] = ((pixels[picked] - target[picked]).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
+            with full:
+                losses["image"] = image_loss(pixels[picked], target[picked])
+                box = mouth_mask(batch["mouth_box"][chosen][picked], target.shape[-1]).to(pixels.device)
+                losses["mouth"] = ((pixels[picked] - target[picked]).abs() * box).sum() / (3 * box.sum()).clamp_min(1)
         if use_sync:
             from .syncnet import lower_half, sync_loss
 
