@@ -12,4 +12,5 @@ class Case:
     flops: float = 0.0  # useful FLOPs of one call (matmul-bound ops)
     bytes: float = 0.0  # minimum HBM bytes of one call (memory-bound ops)
     roofline: str = "copy"  # which measured peak bounds it: "bf16", "fp32", "copy", "h2d" (pinned host to GPU)
+    items: int = 0  # things one call makes (the model rows: video frames); rows then get items_per_s (FPS)
     notes: Dict[str, str] = field(default_factory=dict)

@@ -77,8 +77,9 @@ def bench_lines(path):
         best_text = f"best baseline {best['impl']} {best['median_ms']:.4f} ms" if best else "no baseline ran"
         ratio = f"{row['speedup_vs_best_baseline']:.2f}x" if row.get("speedup_vs_best_baseline") else "-"
         roof = f"roofline {row['roofline_pct']:.1f}%" if row.get("roofline_pct") is not None else "roofline -"
+        rate = f" | {row['items_per_s']:.1f}/s" if row.get("items_per_s") else ""  # the model rows: FPS
         lines.append(f"{row['op']} | {row['shape']} | {row['impl']} {row['median_ms']:.4f} ms | {best_text} | "
-                     f"{ratio} | {roof}")
+                     f"{ratio} | {roof}{rate}")
     return lines
 
 

@@ -22,6 +22,7 @@ from .peaks import measure_peaks
 from .timing import measure
 
 OPS = ["gated_attention", "sinkhorn", "mhc", "engram", "lightning_indexer", "topk", "sparse_attention"]
+MODEL = "model"  # bench/model.py: the MuseTalk U-Net's training step and inference FPS (issue 13)
 
 
 DEFAULT_OUT = "build/bench-results"
@@ -63,6 +64,8 @@ def run_case(case, device, peaks):
                 row["tflops"] = case.flops / (t["median_ms"] * 1e-3) / 1e12
             if case.bytes:
                 row["gb_per_s"] = case.bytes / (t["median_ms"] * 1e-3) / 1e9
+            if case.items:
+                row["items_per_s"] = case.items / (t["median_ms"] * 1e-3)
             fraction = roofline_fraction(case, t["median_ms"], peaks)
             row["roofline_pct"] = None if fraction is None else 100 * fraction
             row["speedup_vs_best_baseline"] = None if best_baseline is None else best_baseline / t["median_ms"]
@@ -80,7 +83,9 @@ def print_table(rows, out=sys.stdout):
             continue
         speedup = "" if r.get("speedup_vs_best_baseline") is None else f"{r['speedup_vs_best_baseline']:.2f}x"
         roof = "" if r.get("roofline_pct") is None else f"{r['roofline_pct']:.1f}"
-        print(f"{r['op']:<26}{r['shape']:<38}{r['impl']:<28}{r['median_ms']:>10.4f}{speedup:>9}{roof:>10}", file=out)
+        rate = f"{r['items_per_s']:>9.1f}/s" if r.get("items_per_s") else ""
+        print(f"{r['op']:<26}{r['shape']:<38}{r['impl']:<28}{r['median_ms']:>10.4f}{speedup:>9}{roof:>10}{rate}",
+              file=out)
 
 
 def write_chart(rows, path, title):
@@ -116,7 +121,7 @@ def write_chart(rows, path, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", nargs="*", default=OPS, choices=OPS)
+    parser.add_argument("--ops", nargs="*", default=OPS + [MODEL], choices=OPS + [MODEL])
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for <device>.json and <device>.png")
     args = parser.parse_args(argv)
 
@@ -128,7 +133,8 @@ def main(argv=None):
     print("measured peaks:", {k: (f"{v:.3e}" if isinstance(v, float) else v) for k, v in peaks.items()})
     rows = []
     for name in args.ops:
-        module = importlib.import_module(f"musetalk_fast.bench.ops.{name}")
+        module = importlib.import_module(f"musetalk_fast.bench.{name}" if name == MODEL else
+                                         f"musetalk_fast.bench.ops.{name}")
         for case in module.cases(device):
             rows.extend(run_case(case, device, peaks))
     print_table(rows)

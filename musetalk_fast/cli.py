@@ -3,10 +3,10 @@
     musetalk-fast make-data --identities 8 --clips 4 --out data/synthetic [--seconds 4] [--seed 0]
         [--force] [--contact-sheets] [--snr-db 20] [--reverb 0.3]
     musetalk-fast check-data --data DIR      # a real (or synthetic) folder: clips, identities, length mismatches
-    musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
-    musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S]
     musetalk-fast train-vae --data DIR --out VAE [--config tiny] [--steps N]   # the 16-channel VAE (docs/model.md)
     musetalk-fast prepare --data DIR --vae VAE --out SHARDS [--config tiny]   # latents + audio to .npy shards
+    musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
+    musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S]
     musetalk-fast train-syncnet --data D --out SYNCNET [--config tiny] [--steps N]  # the lip-sync expert (docs/train.md)
     musetalk-fast eval --checkpoint C --data D [--split test]   # mouth measured in generated pixels (docs/train.md)
 """
@@ -82,113 +82,6 @@ def _check_data(args, parser):
     return 1 if mismatched else 0
 
 
-def _add_generate(subcommands):
-    parser = subcommands.add_parser(
-        "generate", help="dub a face video with new audio (lower half of the face regenerated)",
-        description="Regenerate the lower half of every frame of --video (square face crops, any size) so the "
-                    "mouth follows --audio, and write --out (H.264 + AAC, 25 fps, the video's resolution). The audio "
-                    "must be as long as the video, give or take one frame. docs/model.md, Inference.")
-    parser.add_argument("--video", required=True, help="the face video (square frames)")
-    parser.add_argument("--audio", required=True, help="the new audio (wav, mp3, or any file with an audio stream)")
-    parser.add_argument("--out", required=True, help="the output .mp4 (not overwritten without --force)")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="a model checkpoint (MuseTalk.save)")
-    weights.add_argument("--config", help="a named config with random weights (tiny, default): for testing the pipeline")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    parser.add_argument("--batch", type=int, default=20, help="frames per U-Net/VAE batch (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the avatar's fixed noise (default 0)")
-    parser.set_defaults(run=_generate)
-    return parser
-
-
-def _generate(args, parser):
-    import time
-
-    from .model.inference import GenerateArgumentError, check_batch, check_paths, dub, load_inputs
-    from .model.musetalk import MuseTalk
-
-    started = time.perf_counter()
-    try:
-        check_paths(args.video, args.audio, args.out, args.force, args.checkpoint)
-        check_batch(args.batch)
-        if args.config is not None:
-            from .model.config import ModelConfig
-
-            try:
-                config = ModelConfig.named(args.config)
-            except ValueError as error:
-                raise GenerateArgumentError("config", str(error)) from error
-        frames, samples = load_inputs(args.video, args.audio)
-        if args.checkpoint is not None:
-            try:
-                model = MuseTalk.load(args.checkpoint)
-            except ValueError as error:
-                raise GenerateArgumentError("checkpoint", str(error)) from error
-        else:
-            import torch
-
-            torch.manual_seed(args.seed)
-            model = MuseTalk(config)
-            print(f"--config {args.config}: random weights (the lower half of the face will be noise)", file=sys.stderr)
-    except GenerateArgumentError as error:
-        parser.error(f"argument --{error.argument}: {error.reason}")
-    dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started)
-    return 0
-
-
-def _add_train(subcommands):
-    parser = subcommands.add_parser(
-        "train", help="train the model: stage 1 (pixel MeanFlow reconstruction), stage 2 (Engram + lip sync), or both",
-        description="Train on the 'train' identities of --data (the synthetic layout, with ground truth), evaluate "
-                    "on its val/test identities, write RUN/stage<k>/checkpoint.pt (resume), RUN/stage<k>/model.pt "
-                    "(EMA weights) and RUN/report.json/.png. Without --stage: both stages. docs/train.md.")
-    parser.add_argument("--data", required=True, help="the data folder (musetalk-fast make-data)")
-    parser.add_argument("--out", required=True, help="the run folder")
-    parser.add_argument("--config", default="tiny", help="named model config: tiny (default) or default")
-    parser.add_argument("--stage", type=int, choices=(1, 2), help="one stage (default: 1 then 2)")
-    parser.add_argument("--steps", type=int, help="steps per stage (default: per config and stage)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/stage<k>/checkpoint.pt")
-    parser.add_argument("--vae", help="a train-vae folder (default: train one into RUN/vae)")
-    parser.add_argument("--syncnet", help="a train-syncnet file for stage 2 (default: train one into RUN/syncnet.pt)")
-    parser.add_argument("--init", help="stage 2's starting model (default RUN/stage1/model.pt)")
-    parser.add_argument("--batch", type=int, default=None, help="clips per step (default 4)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
-    parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
-    parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
-    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_train)
-    return parser
-
-
-def _train(args, parser):
-    from dataclasses import replace
-
-    from .model.config import ModelConfig
-    from .train.pipeline import TrainArgumentError, run_train
-    from .train.trainer import TrainOptions
-
-    try:
-        config = ModelConfig.named(args.config)
-    except ValueError as error:
-        parser.error(f"argument --config: {error}")
-    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--eval-every", args.eval_every)):
-        if value is not None and value < (0 if flag == "--eval-every" else 1):
-            parser.error(f"argument {flag}: must be {'>= 0' if flag == '--eval-every' else '>= 1'} (got {value})")
-    options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
-    overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every}
-    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
-    try:
-        history = run_train(args.data, args.out, config, stages=(args.stage,) if args.stage else (1, 2),
-                            steps=args.steps, resume=args.resume, vae=args.vae, syncnet=args.syncnet, init=args.init,
-                            options=options, progress=not args.no_progress, device=args.device)
-    except TrainArgumentError as error:
-        parser.error(f"argument --{error.argument}: {error.reason}")
-    last = history.evals[-1] if history.evals else {}
-    print(f"wrote {args.out}/report.json and report.png" + (
-        f"; held-out opening correlation {last['opening_correlation']:.3f}, silent frames closed "
-        f"{last['silent_closed_share']:.1%}" if "opening_correlation" in last else ""))
 def _add_train_vae(subcommands):
     from .model.config import CONFIGS
 
@@ -272,6 +165,131 @@ def _prepare(args, parser):
     return 0
 
 
+def _add_generate(subcommands):
+    parser = subcommands.add_parser(
+        "generate", help="dub a face video with new audio (lower half of the face regenerated)",
+        description="Regenerate the lower half of every frame of --video (square face crops, any size) so the "
+                    "mouth follows --audio, and write --out (H.264 + AAC, 25 fps, the video's resolution). The audio "
+                    "must be as long as the video, give or take one frame. docs/model.md, Inference.")
+    parser.add_argument("--video", required=True, help="the face video (square frames)")
+    parser.add_argument("--audio", required=True, help="the new audio (wav, mp3, or any file with an audio stream)")
+    parser.add_argument("--out", required=True, help="the output .mp4 (not overwritten without --force)")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="a model checkpoint (MuseTalk.save)")
+    weights.add_argument("--config", help="a named config (tiny, default) with random weights: tests the pipeline")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--batch", type=int, default=20, help="frames per U-Net/VAE batch (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the avatar's fixed noise (default 0)")
+    parser.add_argument("--reference-frame", type=int, default=None,
+                        help="use this video frame as every frame's reference (default: each frame its own, MuseTalk)")
+    parser.set_defaults(run=_generate)
+    return parser
+
+
+def _generate(args, parser):
+    import time
+
+    from .model.inference import (GenerateArgumentError, check_batch, check_paths, check_reference_frame, dub,
+                                  load_inputs)
+    from .model.musetalk import MuseTalk
+
+    started = time.perf_counter()
+    try:
+        check_paths(args.video, args.audio, args.out, args.force, args.checkpoint)
+        check_batch(args.batch)
+        if args.config is not None:
+            from .model.config import ModelConfig
+
+            try:
+                config = ModelConfig.named(args.config)
+            except ValueError as error:
+                raise GenerateArgumentError("config", str(error)) from error
+        frames, samples = load_inputs(args.video, args.audio)
+        check_reference_frame(args.reference_frame, len(frames))
+        if args.checkpoint is not None:
+            try:
+                model = MuseTalk.load(args.checkpoint)
+            except ValueError as error:
+                raise GenerateArgumentError("checkpoint", str(error)) from error
+        else:
+            import torch
+
+            from .model.audio import audio_features, frame_windows
+
+            torch.manual_seed(args.seed)
+            model = MuseTalk(config)
+            # an untrained codebook has no centres: fit it on this audio so that the pipeline runs end to end
+            model.codebook.fit(frame_windows(audio_features(samples, config.audio), len(frames), config.audio))
+            print(f"--config {args.config}: random weights, codebook fitted on --audio (for testing the pipeline: "
+                  f"the lower half of the face will be noise)", file=sys.stderr)
+        dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started,
+            reference_frame=args.reference_frame)
+    except GenerateArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    return 0
+
+
+def _add_train(subcommands):
+    parser = subcommands.add_parser(
+        "train", help="train the model: stage 1 (pixel MeanFlow reconstruction), stage 2 (Engram + lip sync), or both",
+        description="Train on the 'train' identities of --data (the synthetic layout, with ground truth), evaluate "
+                    "on its val/test identities, write RUN/stage<k>/checkpoint.pt (resume), RUN/stage<k>/model.pt "
+                    "(EMA weights) and RUN/report.json/.png. Without --stage: both stages. docs/train.md.")
+    parser.add_argument("--data", required=True, help="the data folder (musetalk-fast make-data)")
+    parser.add_argument("--out", required=True, help="the run folder")
+    parser.add_argument("--config", default="tiny", help="named model config: tiny (default) or default")
+    parser.add_argument("--stage", type=int, choices=(1, 2), help="one stage (default: 1 then 2)")
+    parser.add_argument("--steps", type=int, help="steps per stage (default: per config and stage)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/stage<k>/checkpoint.pt")
+    parser.add_argument("--vae", help="a train-vae folder (default: train one into RUN/vae)")
+    parser.add_argument("--syncnet", help="a train-syncnet file for stage 2 (default: train one into RUN/syncnet.pt)")
+    parser.add_argument("--init", help="stage 2's starting model (default RUN/stage1/model.pt)")
+    parser.add_argument("--batch", type=int, default=None, help="clips per step (default 4)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
+    parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (on a shared machine 1 can be far faster than the default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_train)
+    return parser
+
+
+def _train(args, parser):
+    from dataclasses import replace
+
+    from .model.config import ModelConfig
+    from .train.pipeline import TrainArgumentError, run_train
+    from .train.trainer import TrainOptions
+
+    try:
+        config = ModelConfig.named(args.config)
+    except ValueError as error:
+        parser.error(f"argument --config: {error}")
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--eval-every", args.eval_every)):
+        if value is not None and value < (0 if flag == "--eval-every" else 1):
+            parser.error(f"argument {flag}: must be {'>= 0' if flag == '--eval-every' else '>= 1'} (got {value})")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"argument --threads: must be >= 1 (got {args.threads})")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
+    overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every}
+    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        history = run_train(args.data, args.out, config, stages=(args.stage,) if args.stage else (1, 2),
+                            steps=args.steps, resume=args.resume, vae=args.vae, syncnet=args.syncnet, init=args.init,
+                            options=options, progress=not args.no_progress, device=args.device)
+    except TrainArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    last = history.evals[-1] if history.evals else {}
+    print(f"wrote {args.out}/report.json and report.png" + (
+        f"; held-out opening correlation {last['opening_correlation']:.3f}, silent frames closed "
+        f"{last['silent_closed_share']:.1%}" if "opening_correlation" in last else ""))
 def _add_train_syncnet(subcommands):
     parser = subcommands.add_parser(
         "train-syncnet", help="train the SyncNet (lower face vs audio window) that stage 2's lip-sync loss uses",
@@ -352,8 +370,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="musetalk-fast", description="musetalk_fast: data, training and evaluation")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands),
-               "generate": _add_generate(subcommands), "train": _add_train(subcommands),
                "train-vae": _add_train_vae(subcommands), "prepare": _add_prepare(subcommands),
+               "generate": _add_generate(subcommands), "train": _add_train(subcommands),
                "train-syncnet": _add_train_syncnet(subcommands), "eval": _add_eval(subcommands)}
     return parser, parsers
 

@@ -4,15 +4,20 @@ import math
 import torch
 from torch import nn
 
-TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, the diffusion range the frequencies below suit
+# t in [0, 1] is embedded as t * TIME_SCALE at frequencies from 1 to 1e-4 rad per unit. MeanFlow needs
+# du/dt, here by finite differences (the ops have no forward-mode rules), whose truncation error on the
+# fastest feature is (h * TIME_SCALE)^2 / 6 for a central step h. With 50, central differences of a random
+# tiny U-Net in float32 err by 0.16% at h = 1e-3 and 0.025% at 3e-4 (DDPM's 1000: 39% at 1e-3, 0.55% at 1e-4).
+TIME_SCALE = 50.0
 
 
 def sinusoidal_embedding(values, dim, max_period=10000.0):
     """[N] floats -> [N, dim]: cos and sin of values * TIME_SCALE at dim / 2 geometric frequencies from 1
     to 1 / max_period (the Transformer's / DDPM's timestep embedding)."""
     half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device) / half)
-    angles = values.float()[:, None] * TIME_SCALE * frequencies[None, :]
+    dtype = torch.promote_types(values.dtype, torch.float32)  # float64 stays float64 (gradcheck, exact JVPs)
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=dtype) / half)
+    angles = values.to(dtype)[:, None] * TIME_SCALE * frequencies[None, :]
     embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     return nn.functional.pad(embedding, (0, dim - 2 * half))
 
@@ -48,8 +53,9 @@ class FrameRotary(nn.Module):
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
     def forward(self, q, k, position_ids):
-        angles = position_ids.float()[:, None] * self.inv_freq[None, :]
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        angles = position_ids.to(dtype)[:, None] * self.inv_freq.to(dtype)[None, :]
         angles = torch.cat([angles, angles], dim=-1)[:, None, :]  # [T, 1, D]
         cos, sin = angles.cos(), angles.sin()
-        rotated = [(x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype) for x in (q, k)]
+        rotated = [(x.to(dtype) * cos + rotate_half(x.to(dtype)) * sin).to(x.dtype) for x in (q, k)]
         return rotated[0], rotated[1]

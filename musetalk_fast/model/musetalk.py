@@ -38,13 +38,13 @@ class MuseTalk(nn.Module):
         self.unet = MuseTalkUNet(config)
 
     def audio_features(self, windows):
-        """Log-mel windows [B, F, W, n_mels] -> (audio tokens [B, F, W, dim], audio codes [B, F] int64)."""
-        audio = self.audio_encoder(windows)
-        return audio, self.codebook.codes(audio)
+        """Feature windows [B, F, W, n_mels] (audio.frame_windows) -> (audio tokens [B, F, W, dim], audio codes
+        [B, F] int64)."""
+        return self.audio_encoder(windows), self.codebook.codes(windows)
 
     def generate_latents(self, masked, reference, windows, noise=None):
         """One-step generation of the target latents [B, F, C, h, w] from the masked target latents, the
-        reference latents (both [B, F, C, h, w]) and the log-mel windows [B, F, W, n_mels]. `noise`
+        reference latents (both [B, F, C, h, w]) and the audio feature windows [B, F, W, n_mels]. `noise`
         (broadcastable to the latents; default fresh Gaussian noise) is the flow's t = 1 end point."""
         audio, codes = self.audio_features(windows)
         if noise is None:

@@ -6,13 +6,18 @@
     audio                            [B, F, W, audio.dim]   W = audio.window_mels, each frame's audio tokens
     codes                            [B, F] int64 in [0, audio.codes)   audio codes (the Engram's ids)
     t, r                             [B] float, 0 <= r <= t <= 1   flow times; one step: t = 1, r = 0, z_t = noise
+                                     (not enforced: a finite-difference JVP in t may step just outside)
+    mask (optional)                  broadcasts to [B, F, 1, h, w]: 1 on the latent rows that were masked in
+                                     pixels; default the lower half (rows >= h // 2). Stage 2's Dynamic Margin
+                                     Sampling passes its taller masks (vae.lower_half_mask(h, margin // 8)).
 
 Layout. Frames fold into the batch ([B*F, C, h, w]) everywhere but in the temporal attention and the
-Engram. The channel adapter (a 3x3 conv) reads cat(z_t, masked, reference, lower-half mask) (3C + 1
-channels). Each level is one stack of same-width layers on mhc_streams mHC residual streams (expanded
-at the stack's start, merged at its end; MHCResidual in the image layout around every layer):
-blocks_per_level x [ResBlock, and at attention_levels: gated spatial self-attention over h*w, gated
-cross-attention to the frame's audio tokens, DSA temporal attention across the F frames (non-causal,
+Engram. The channel adapter (a 3x3 conv) reads cat(z_t, masked, reference, mask) (3C + 1 channels).
+Each level is one stack of same-width layers on mhc_streams mHC residual streams (expanded at the
+stack's start, merged at its end; MHCResidual in the image layout around every layer; streams carried
+across levels would need every resampling and skip conv run once per stream, +36% FLOPs at n = 4):
+blocks_per_level x [ResBlock, and at attention_levels (pre-LayerNorm): gated spatial self-attention over
+h*w, gated cross-attention to the frame's audio tokens, DSA temporal attention across the F frames (non-causal,
 rotary frame positions, top-k = temporal_topk frames)]. Between levels a stride-2 conv (down) and
 nearest x2 + conv (up); the up path joins the down path's skip by a 1x1 conv over the concatenation.
 The bottleneck stack (ResBlock, attention, ResBlock) is followed by the Engram join: Engram over the
@@ -52,6 +57,7 @@ class MuseTalkUNet(nn.Module):
         self.latent_channels = config.vae.latent_channels
         self.levels = len(unet.channels)
         self.gradient_checkpointing = False
+        self._indexer_loss = None
         if unet.head_dim not in INDEX_HEAD_DIMS:
             raise ValueError(f"unet.head_dim must be one of {INDEX_HEAD_DIMS} (the temporal indexer's), "
                              f"got {unet.head_dim}")
@@ -69,9 +75,9 @@ class MuseTalkUNet(nn.Module):
             channels, attention = unet.channels[level], level in unet.attention_levels
             unit = [lambda: ResBlock(channels, unet.time_dim, unet.norm_groups)]
             if attention:
-                unit += [lambda: SpatialSelfAttention(channels, unet.head_dim, unet.norm_groups),
-                         lambda: AudioCrossAttention(channels, audio.dim, unet.head_dim, unet.norm_groups),
-                         lambda: TemporalAttention(channels, unet.head_dim, unet.norm_groups, unet.temporal_topk,
+                unit += [lambda: SpatialSelfAttention(channels, unet.head_dim),
+                         lambda: AudioCrossAttention(channels, audio.dim, unet.head_dim),
+                         lambda: TemporalAttention(channels, unet.head_dim, unet.temporal_topk,
                                                    unet.temporal_index_heads)]
             if middle:  # ResBlock, attention, ResBlock
                 units = unit + [unit[0]]
@@ -97,21 +103,23 @@ class MuseTalkUNet(nn.Module):
         """The Engram's parameters and its gate's: frozen (with the gate at 0) the model runs without it."""
         return list(self.engram_join.parameters())
 
-    def temporal_attentions(self):
-        return [m for m in self.modules() if isinstance(m, TemporalAttention)]
-
     def indexer_loss(self):
-        """Sum of the temporal DSAttention indexers' KL losses from the last forward in training mode (add it,
-        weighted, to the loss so the indexer learns which frames matter for F > temporal_topk), or None."""
-        losses = [m.attention.indexer_loss for m in self.temporal_attentions() if m.attention.indexer_loss is not None]
-        return sum(losses) if losses else None
+        """Sum of the temporal DSAttention indexers' KL losses of the last forward in training mode (add it,
+        weighted, to the loss so the indexer learns which frames matter when F > temporal_topk), or None."""
+        return self._indexer_loss
+
+    def __getstate__(self):
+        """Copies and pickles leave the last forward's indexer loss (a graph tensor) behind."""
+        state = super().__getstate__()
+        state["_indexer_loss"] = None
+        return state
 
     def lower_half_mask(self, height, width, device, dtype):
         """[1, 1, h, w]: 1 on the rows of the latent whose pixels were masked (the lower half), else 0."""
         rows = (torch.arange(height, device=device) >= height // 2).to(dtype)
         return rows[:, None].expand(height, width)[None, None]
 
-    def check_inputs(self, z_t, masked, reference, audio, codes, t, r):
+    def check_inputs(self, z_t, masked, reference, audio, codes, t, r, mask=None):
         """Named errors for shapes, dtypes and (on real tensors) values."""
         check_float(z_t, "z_t")
         check_shape(z_t, "z_t", "B, F, C, h, w", [None, None, self.latent_channels, None, None])
@@ -133,20 +141,33 @@ class MuseTalkUNet(nn.Module):
         for tensor, name in ((t, "t"), (r, "r")):
             check_float(tensor, name)
             check_shape(tensor, name, "B", [batch])
-        if has_data(codes, t, r):
-            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= audio_config.codes):
+        if mask is not None:
+            check_float(mask, "mask")
+            full = (batch, frames, 1, height, width)
+            try:
+                fits = mask.dim() <= 5 and torch.broadcast_shapes(mask.shape, full) == full
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"mask must broadcast to [B, F, 1, h, w] = {list(full)}, got {list(mask.shape)}")
+        # t and r are not range-checked: a finite-difference JVP in t steps past r = t and t = 1
+        if has_data(codes) and codes.numel():
+            low, high = torch.stack([codes.min(), codes.max()]).tolist()  # one device sync
+            if low < 0 or high >= audio_config.codes:
                 raise ValueError(f"codes must be in [0, {audio_config.codes}) (audio.codes), got values in "
-                                 f"[{int(codes.min())}, {int(codes.max())}]")
-            if bool(((r < 0) | (r > t) | (t > 1)).any()):
-                raise ValueError("t and r must satisfy 0 <= r <= t <= 1")
+                                 f"[{low}, {high}]")
 
-    def forward(self, z_t, masked, reference, audio, codes, t, r):
-        self.check_inputs(z_t, masked, reference, audio, codes, t, r)
+    def forward(self, z_t, masked, reference, audio, codes, t, r, mask=None):
+        self.check_inputs(z_t, masked, reference, audio, codes, t, r, mask)
         batch, frames, channels, height, width = z_t.shape
         dtype = self.stem.weight.dtype
         images = [x.reshape(batch * frames, channels, height, width).to(dtype) for x in (z_t, masked, reference)]
-        mask = self.lower_half_mask(height, width, z_t.device, dtype).expand(batch * frames, 1, height, width)
+        if mask is None:
+            mask = self.lower_half_mask(height, width, z_t.device, dtype)
+        mask = mask.to(device=z_t.device, dtype=dtype).expand(batch, frames, 1, height, width)
+        mask = mask.reshape(batch * frames, 1, height, width)
         x = self.stem(torch.cat([*images, mask], dim=1))
+        self._indexer_loss = None
         tokens = self.audio_norm(audio.to(self.audio_norm.weight.dtype)) + self.audio_position
         cond = Conditioning(time=self.time_embedding(t, r).repeat_interleave(frames, dim=0),
                             audio=tokens.reshape(batch * frames, *audio.shape[2:]), frames=frames)
@@ -164,5 +185,6 @@ class MuseTalkUNet(nn.Module):
             x = self.up_stacks[level](x, cond, checkpoint)
             if level > 0:
                 x = self.upsamples[level - 1](nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
-        out = self.out_conv(nn.functional.silu(self.out_norm(x)))
+        self._indexer_loss = sum(cond.indexer_losses) if cond.indexer_losses else None
+        out = self.out_conv(nn.functional.silu(self.out_norm(x.contiguous())))
         return out.view(batch, frames, channels, height, width).to(z_t.dtype)

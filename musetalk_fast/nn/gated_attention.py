@@ -49,39 +49,31 @@ class GatedAttention(nn.Module):
         max_seqlen (rope then sees [1, T, H, D] tensors and position_ids). context [B, S, context_size]:
         cross-attention, keys and values from context (no rope, no packed sequences)."""
         if context is not None:
-            if cu_seqlens is not None:
-                raise ValueError("cross-attention (context) does not take packed sequences (cu_seqlens)")
-            return self._forward_cross(x, context, is_causal)
-        if cu_seqlens is not None:
+            self._check_context(x, context, cu_seqlens)
+        elif cu_seqlens is not None:
             return self._forward_packed(x, cu_seqlens, max_seqlen, is_causal, position_ids)
+        source = x if context is None else context  # of the keys and values
         batch, length, _ = x.shape
         query_and_gate = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim + self.gate_dim)
         q, gate = query_and_gate.split([self.head_dim, self.gate_dim], dim=-1)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.rope is not None:
+        k = self.k_proj(source).view(batch, source.shape[1], self.num_kv_heads, self.head_dim)
+        v = self.v_proj(source).view(batch, source.shape[1], self.num_kv_heads, self.head_dim)
+        if self.rope is not None and context is None:
             q, k = self.rope(q, k, position_ids)
         causal = self.is_causal if is_causal is None else is_causal
         out = gated_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate.transpose(1, 2),
                               is_causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
-    def _forward_cross(self, x, context, is_causal):
+    def _check_context(self, x, context, cu_seqlens):
+        if cu_seqlens is not None:
+            raise ValueError("cross-attention (context) does not take packed sequences (cu_seqlens)")
         if x.dim() != 3 or context.dim() != 3 or context.shape[0] != x.shape[0]:
             raise ValueError(f"cross-attention takes x [B, L, hidden] and context [B, S, context_size], got "
                              f"x {list(x.shape)} and context {list(context.shape)}")
         if context.shape[2] != self.k_proj.in_features:
             raise ValueError(f"context must have width context_size = {self.k_proj.in_features}, "
                              f"got shape {list(context.shape)}")
-        batch, length, _ = x.shape
-        query_and_gate = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim + self.gate_dim)
-        q, gate = query_and_gate.split([self.head_dim, self.gate_dim], dim=-1)
-        k = self.k_proj(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim)
-        v = self.v_proj(context).view(batch, context.shape[1], self.num_kv_heads, self.head_dim)
-        causal = self.is_causal if is_causal is None else is_causal
-        out = gated_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate.transpose(1, 2),
-                              is_causal=causal)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
     def _forward_packed(self, x, cu_seqlens, max_seqlen, is_causal, position_ids):
         total = x.shape[0]

@@ -129,13 +129,14 @@ class DSAttention(nn.Module):
         """sum over heads of the main attention's probabilities, as [T, S]: P = exp(scale q.k - lse) on the
         selected keys (recomputed from lse, in token chunks), 0 elsewhere."""
         tokens, group = q.shape[0], self.num_heads // self.num_kv_heads
-        probs = torch.zeros(tokens, k.shape[0], dtype=torch.float32, device=q.device)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64 (its lse is float64)
+        probs = torch.zeros(tokens, k.shape[0], dtype=dtype, device=q.device)
         for t0 in range(0, tokens, PROBS_TOKEN_CHUNK):
             rows = slice(t0, t0 + PROBS_TOKEN_CHUNK)
             idx = indices[rows].long()
             valid = idx >= 0
-            keys = k.float()[idx.clamp_min(0)]  # [t, K, Hkv, D]
-            qg = q[rows].float().view(-1, self.num_kv_heads, group, self.head_dim)
+            keys = k.to(dtype)[idx.clamp_min(0)]  # [t, K, Hkv, D]
+            qg = q[rows].to(dtype).view(-1, self.num_kv_heads, group, self.head_dim)
             scores = torch.einsum("tgqd,tkgd->tgqk", qg, keys) * self.head_dim**-0.5
             finite_lse = torch.where(torch.isinf(lse[rows]), 0.0, lse[rows]).view(-1, self.num_kv_heads, group, 1)
             p = torch.exp(scores - finite_lse).sum(dim=(1, 2))  # [t, K]

@@ -49,7 +49,8 @@ def encode_clips(model, clips, margins=(0,), batch=32, clean=True):
         if clip.frames.shape[1] != config.image_size:
             raise ValueError(f"clip frames must be {config.image_size} px (read_folder(root, config.image_size))")
         images = to_model_images(clip.frames)
-        latents = torch.cat([encode(model.vae, model.latent_stats, images[i:i + batch]) for i in range(0, count, batch)])
+        latents = torch.cat([encode(model.vae, model.latent_stats, images[i:i + batch])
+                             for i in range(0, count, batch)])
         masked = {}
         for margin in margins:
             hidden = mask_lower_half(images, margin)
@@ -131,7 +132,7 @@ class ClipSampler:
 
 def mouth_mask(mouth_box, size, grow=4):
     """float [B, F, 1, S, S]: 1 inside each frame's mouth box grown by `grow` pixels, 0 elsewhere."""
-    rows = torch.arange(size, dtype=torch.float32)
+    rows = torch.arange(size, dtype=torch.float32, device=mouth_box.device)
     box = mouth_box.float()
     inside_y = (rows >= box[..., 1:2] - grow) & (rows < box[..., 3:4] + grow)
     inside_x = (rows >= box[..., 0:1] - grow) & (rows < box[..., 2:3] + grow)

@@ -26,6 +26,8 @@ along the same tangent (dz, dt, dr) = (v, 1, 0):
 
     dx/dt ~ [x(z + h v, t + h, r) - x(z - h v, t - h, r)] / (2 h)
 
+(one-sided three-point differences where t +- h would leave the network's domain 0 <= r <= t <= 1)
+
 and du/dt follows from the quotient rule on u = (z - x)/t: du/dt = (v - dx/dt - u) / t. Differencing
 x (O(1) values, no 1/t inside) rather than u keeps the cancellation small.
 
@@ -36,7 +38,9 @@ float32's whatever the input dtype (the time embedding and the rotary frame posi
 float32), ~1.2e-7 / h relative. Both are ~1e-3 at h = 1e-4: DEFAULT_STEP. Measured on the
 random-weight tiny U-Net (reference ops, torch.func.jvp in float64 as the truth), max error / max
 |JVP| of the float32 difference: 1.3e-3 at h = 1e-4; 1.1e-2 at 3e-4 (truncation); 1.7e-3 at 3e-5 and
-4.5e-3 at 1e-5 (rounding); float64 weights give the same 1.3e-3 at 1e-4 (the float32 embedding). A network without a fast time embedding (the tests' small MLP in float64) reaches 1e-7
+4.5e-3 at 1e-5 (rounding); float64 weights give the same 1.3e-3 at 1e-4 (the float32 embedding). The
+one-sided stencils have larger constants: 3.2e-3 (backward, at t = 1) and 2.3e-3 (forward). A network
+without a fast time embedding (the tests' small MLP in float64) reaches 1e-7
 with a smaller step. The two extra forwards run without autograd and in float32 at least, autocast
 off (two bf16 outputs 1e-4 apart would differ by rounding alone), so they cost two forward passes
 and no activation memory. Rows with r = t skip them: their JVP is multiplied by t - r = 0.
@@ -73,23 +77,40 @@ def _rows(t, r):
     return (t - r) > 0
 
 
+# Three-point stencils of dx/dt: (offsets in steps, weights / h). The network takes only 0 <= r <= t <= 1,
+# so rows within a step of t = 1 (the one-step rows sit at t = 1) use the backward one, rows within a step
+# of t = r the forward one; all are exact for quadratics (error O(h^2) like the central difference).
+CENTRAL = ((-1.0, 1.0, 0.0), (-0.5, 0.5, 0.0))
+BACKWARD = ((0.0, -1.0, -2.0), (1.5, -2.0, 0.5))
+FORWARD = ((0.0, 1.0, 2.0), (-1.5, 2.0, -0.5))
+
+
 def finite_difference_jvp(predict_x, z, v, t, r, step=None):
-    """dx/dt of x = predict_x(z, t, r, rows) along the tangent (dz, dt, dr) = (v, 1, 0), by a central
-    difference with step `step` (default DEFAULT_STEP), evaluated in float32 at least, autocast off.
+    """dx/dt of x = predict_x(z, t, r, rows) along the tangent (dz, dt, dr) = (v, 1, 0) by finite
+    differences with step `step` (default DEFAULT_STEP), evaluated in float32 at least, autocast off:
+    the central difference where t +- h stays in [r, 1], else a one-sided three-point one (BACKWARD
+    near t = 1, FORWARD near t = r; a third forward pass for those rows only). Rows with t - r < 2h
+    that are also within 2h of t = 1 fit no stencil and get 0 (their JVP is multiplied by t - r < 2h).
     Only rows with t > r are evaluated (others get zeros); `predict_x` receives those rows' index
     tensor as `rows` to select its conditioning. No autograd graph is built."""
-    rows = _rows(t, r).nonzero().flatten()
-    out = torch.zeros_like(z)
-    if rows.numel() == 0:
-        return out
-    work = torch.promote_types(z.dtype, torch.float32)
     h = DEFAULT_STEP if step is None else float(step)
-    zs, vs = z[rows].to(work), v[rows].to(work)
-    ts, rs = t[rows].to(work), r[rows].to(work)
+    central = (t - h >= r) & (t + h <= 1)
+    backward = ~central & (t - 2 * h >= r)
+    forward = ~central & ~backward & (t + 2 * h <= 1) & (t > r)
+    out = torch.zeros_like(z)
+    work = torch.promote_types(z.dtype, torch.float32)
     with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
-        plus = predict_x(zs + h * vs, ts + h, rs, rows).to(work)
-        minus = predict_x(zs - h * vs, ts - h, rs, rows).to(work)
-    out[rows] = ((plus - minus) / (2 * h)).to(z.dtype)
+        for where, (offsets, weights) in ((central, CENTRAL), (backward, BACKWARD), (forward, FORWARD)):
+            rows = where.nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            zs, vs, ts, rs = z[rows].to(work), v[rows].to(work), t[rows].to(work), r[rows].to(work)
+            total = 0
+            for offset, weight in zip(offsets, weights):
+                if weight:
+                    at = offset * h
+                    total = total + weight * predict_x(zs + at * vs, ts + at, rs, rows).to(work)
+            out[rows] = (total / h).to(z.dtype)
     return out
 
 

@@ -84,7 +84,6 @@ def provide_syncnet(syncnet, train_clips, config, out, progress):
     import torch
 
     from .syncnet import load_syncnet, syncnet_state
-    from .syncnet_training import train_syncnet
 
     if syncnet is not None:
         if not Path(syncnet).is_file():
@@ -92,6 +91,8 @@ def provide_syncnet(syncnet, train_clips, config, out, progress):
         return load_syncnet(syncnet)
     path = Path(out) / "syncnet.pt"
     if not path.is_file():
+        from .syncnet_training import train_syncnet
+
         print(f"no --syncnet: training one into {path}")
         trained, _ = train_syncnet(train_clips, config, steps=SYNCNET_STEPS.get(config_name(config), 200),
                                    progress=progress)
@@ -137,6 +138,7 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
     started = time.perf_counter()
     for stage in stages:
         stage_steps = steps or DEFAULT_STEPS.get(name, DEFAULT_STEPS["tiny"])[stage]
+        torch.manual_seed(options.seed)  # the random init: the same run twice is the same run
         if stage == 1:
             model = build_stage1_model(config, provide_vae(vae, data, config, out, progress), train_clips, device)
             frozen_syncnet = None
@@ -158,7 +160,8 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
         history.info[f"stage{stage}_encode_seconds"] = time.perf_counter() - tick
         print(f"stage {stage}: {len(clips)} training clips, label cleaning dropped "
               f"{counts['frames'] - counts['kept']} of {counts['frames']} frames "
-              f"({counts['speech_closed']} speech with a closed mouth, {counts['silent_open']} silence with an open one)")
+              f"({counts['speech_closed']} speech with a closed mouth, "
+              f"{counts['silent_open']} silence with an open one)")
         tick = time.perf_counter()
         train_stage(model, stage, clips, eval_clips, out, stage_steps, options, resume_run=resume,
                     syncnet=frozen_syncnet, progress=progress, history=history, callback=callback)

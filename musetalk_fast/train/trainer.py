@@ -57,6 +57,7 @@ class TrainOptions:
     mouth_weight: float = 1.0       # L1 on the mouth box of the decoded pixels
     sync_weight: float = 0.1        # stage 2: the SyncNet loss, ramped from 0 over sync_ramp of the steps
     sync_ramp: float = 0.5
+    indexer_weight: float = 0.01    # the temporal attention's indexer KL loss (DSA), when the U-Net reports one
     max_margin: int = 16            # stage 2: Dynamic Margin Sampling's largest extra mask margin (pixels)
     checkpoint_every: int = 25
     eval_every: int = 0             # 0: evaluate at the end of the stage only
@@ -103,14 +104,20 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     """The losses of one batch (a dict of scalars) and the U-Net's indexer loss if any."""
     from ..model.vae import decode
 
+    from ..model.vae import lower_half_mask
+
     unet = model.unet
     audio = model.audio_encoder(batch["windows"])
     extra = {}
+    # the latent rows each sample's mask covers (Dynamic Margin Sampling moves its top up by margin // 8 rows)
+    size = batch["x"].shape[-1]
+    mask = lower_half_mask(size, batch["margin"].cpu() // 8).to(batch["x"].device).unsqueeze(1)  # [B, 1, 1, h, w]
 
     def predict_x(z, tt, rr, rows=None):
         pick = slice(None) if rows is None else rows
         tokens = audio[pick] if rows is None else audio[pick].detach()
-        x = unet(z, batch["masked"][pick], batch["reference"][pick], tokens, batch["codes"][pick], tt, rr)
+        x = unet(z, batch["masked"][pick], batch["reference"][pick], tokens, batch["codes"][pick], tt, rr,
+                 mask=mask[pick])
         if rows is None:  # the finite-difference calls that follow overwrite the indexer's loss
             extra["indexer"] = unet.indexer_loss()
         return x
@@ -129,10 +136,13 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
         pixels = decode(model.vae, model.latent_stats, out["x_pred"][chosen]).float()
         target = batch["pixels"][chosen]
         picked = near[chosen]
+        # the image losses in float32: MS-SSIM's ratios of small local variances underflow in bf16 (-inf seen)
+        full = torch.autocast(pixels.device.type, enabled=False)
         if picked.any():
-            losses["image"] = image_loss(pixels[picked], target[picked])
-            mask = mouth_mask(batch["mouth_box"][chosen][picked], target.shape[-1])
-            losses["mouth"] = ((pixels[picked] - target[picked]).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1)
+            with full:
+                losses["image"] = image_loss(pixels[picked], target[picked])
+                box = mouth_mask(batch["mouth_box"][chosen][picked], target.shape[-1]).to(pixels.device)
+                losses["mouth"] = ((pixels[picked] - target[picked]).abs() * box).sum() / (3 * box.sum()).clamp_min(1)
         if use_sync:
             from .syncnet import lower_half, sync_loss
 
@@ -140,7 +150,7 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     if extra.get("indexer") is not None:
         losses["indexer"] = extra["indexer"]
     weights = {"pmf": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "sync": sync_weight,
-               "indexer": 0.01}
+               "indexer": options.indexer_weight}
     return losses, weights, out["mse"]
 
 
@@ -257,8 +267,10 @@ def evaluate_ema(model, ema, clips):
 
 
 def ema_model(model, ema):
-    """A copy of `model` (a MuseTalk) with the EMA weights in its trainable parts."""
-    copied = type(model)(model.config)
+    """A copy of `model` (a MuseTalk) with the EMA weights in its trainable parts. Building it draws a random
+    init, from a forked generator: evaluating leaves the training's random stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        copied = type(model)(model.config)
     copied.load_state_dict(model.state_dict())
     ema.copy_to(trainable_modules(copied))
     return copied.to(next(model.unet.parameters()).device)

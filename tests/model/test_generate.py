@@ -8,12 +8,13 @@ import torch
 from musetalk_fast.cli import main
 from musetalk_fast.data import generate_clips
 from musetalk_fast.data.clips import SAMPLES_PER_FRAME, write_mp4, write_wav
+from musetalk_fast.model.audio import audio_features, frame_windows
 from musetalk_fast.model.config import ModelConfig
 from musetalk_fast.model.inference import Avatar, cycle_indices, feather_mask
 from musetalk_fast.model.musetalk import MuseTalk
 from musetalk_fast.model.video_io import read_audio, read_video_frames
 
-FRAMES = 20  # 0.8 s at 25 fps
+FRAMES = 12  # 0.48 s at 25 fps
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,13 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(clip):
+    """Random weights; the codebook fitted on the clip's audio (an untrained codebook has no centres)."""
     torch.manual_seed(0)
-    return MuseTalk(ModelConfig.named("tiny")).eval()
+    model = MuseTalk(ModelConfig.named("tiny")).eval()
+    audio = model.config.audio
+    model.codebook.fit(frame_windows(audio_features(clip[1].audio, audio), FRAMES, audio))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def test_generate_writes_a_playable_mp4_that_changes_only_the_lower_half(clip, c
     folder, source = clip
     out = tmp_path / "dubbed.mp4"
     assert main(["generate", "--video", str(folder / "face.mp4"), "--audio", str(folder / "speech.wav"),
-                 "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "8"]) == 0
+                 "--out", str(out), "--checkpoint", str(checkpoint), "--batch", "12"]) == 0
     printed = capsys.readouterr().out
     assert "FPS" in printed and f"wrote {out}: {FRAMES} frames" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dubbed.mp4"]
@@ -78,18 +83,86 @@ def test_generate_writes_a_playable_mp4_that_changes_only_the_lower_half(clip, c
     assert upper.max() < codec_tolerance < lower.min()
 
 
-def test_avatar_stream_cycles_the_frames_and_keeps_the_upper_half_bit_identical(clip, model, capsys):
+class RecordingUNet(torch.nn.Module):
+    """Stands in for the U-Net: records its inputs, returns the reference latents."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, z_t, masked, reference, audio, codes, t, r):
+        self.calls.append({"z_t": z_t, "masked": masked, "reference": reference, "audio": audio, "codes": codes,
+                           "t": t, "r": r})
+        return reference
+
+
+@pytest.fixture
+def recorder(model):
+    """The model with a RecordingUNet for the test's duration (monkeypatch would delete a submodule on undo)."""
+    unet, model.unet = model.unet, RecordingUNet()
+    yield model.unet
+    model.unet = unet
+
+
+def test_avatar_stream_cycles_the_frames_and_keeps_the_upper_half_bit_identical(clip, model, recorder, capsys):
+    """(With the recording U-Net: the VAE, audio, batching and paste-back around it are under test.)"""
     _, source = clip
-    frames = source.frames[:6]
-    avatar = Avatar.prepare(model, frames, batch=5, seed=1)
-    chunks = [source.audio[:8 * SAMPLES_PER_FRAME], source.audio[8 * SAMPLES_PER_FRAME:17 * SAMPLES_PER_FRAME]]
-    batches = list(avatar.stream(chunks))
-    assert [len(b) for b in batches] == [5, 3, 5, 4]  # per chunk, batches of 5
-    assert printed_fps_lines(capsys) == 2 and avatar.last_timings["frames"] == 9
+    frames = source.frames[:3]
+    avatar = Avatar.prepare(model, frames, batch=4, seed=1)
+    chunks = [source.audio[:5 * SAMPLES_PER_FRAME], source.audio[:100],  # under half a frame: no frames
+              source.audio[5 * SAMPLES_PER_FRAME:8 * SAMPLES_PER_FRAME]]
+    batches = []
+    for frames_batch in avatar.stream(chunks):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # no mode leaks between batches
+        batches.append(frames_batch)
+    assert [len(b) for b in batches] == [4, 1, 3]  # per chunk, batches of 4
+    assert printed_fps_lines(capsys) == 2 and avatar.last_timings["frames"] == 3
     out = np.concatenate(batches)
-    expected = frames[cycle_indices(0, 17, len(frames))]  # 0..5, 5..0, 0..4
+    expected = frames[cycle_indices(0, 8, len(frames))]  # 0 1 2 2 1 0 0 1
     assert np.array_equal(out[:, :128], expected[:, :128])
     assert not np.array_equal(out[:, 128:], expected[:, 128:])
+
+
+def test_each_frame_gets_its_audio_window_its_cycled_latents_and_the_one_fixed_noise(clip, model, recorder):
+    _, source = clip
+    avatar = Avatar.prepare(model, source.frames[:3], batch=5, seed=2)
+    audio = source.audio[:7 * SAMPLES_PER_FRAME]
+    list(avatar.stream([audio], report=False))
+    # clips of config.clip_frames (4) consecutive frames, then the rest: [1, 4] + [1, 1], then [1, 2]
+    assert [tuple(call["z_t"].shape[:2]) for call in recorder.calls] == [(1, 4), (1, 1), (1, 2)]
+    seen = {name: torch.cat([call[name].flatten(0, 1) for call in recorder.calls])
+            for name in ("z_t", "masked", "reference", "audio", "codes")}
+    windows = frame_windows(audio_features(audio, model.config.audio), 7, model.config.audio)[None]
+    with torch.no_grad():
+        assert torch.allclose(seen["audio"], model.audio_encoder(windows)[0], atol=1e-5)
+    assert torch.equal(seen["codes"], model.codebook.codes(windows)[0])
+    assert torch.equal(seen["masked"], avatar.masked_latents[cycle_indices(0, 7, 3)])
+    assert torch.equal(seen["reference"], avatar.reference_latents[cycle_indices(0, 7, 3)])  # each frame its own
+    assert all(torch.equal(noise, avatar.noise) for noise in seen["z_t"])  # one noise for every frame
+    assert all(bool((call["t"] == 1).all() and (call["r"] == 0).all()) for call in recorder.calls)
+
+
+def test_generate_latents_is_one_step_from_the_given_noise(model, recorder):
+    masked = torch.randn(2, 3, 16, 16, 16)
+    reference, noise = torch.randn_like(masked), torch.randn(16, 16, 16)
+    windows = torch.randn(2, 3, model.config.audio.window_mels, model.config.audio.n_mels)
+    with torch.no_grad():
+        assert torch.equal(model.generate_latents(masked, reference, windows, noise), reference)
+        (call,) = recorder.calls
+        assert torch.equal(call["z_t"], noise.expand_as(masked)) and torch.equal(call["masked"], masked)
+        assert call["t"].tolist() == [1, 1] and call["r"].tolist() == [0, 0]
+        assert torch.equal(call["codes"], model.codebook.codes(windows))
+        assert torch.equal(call["audio"], model.audio_encoder(windows))
+
+
+def test_one_reference_frame_for_every_frame(clip, model, recorder):
+    _, source = clip
+    own = Avatar.prepare(model, source.frames[:3], batch=5)
+    avatar = Avatar.prepare(model, source.frames[:3], batch=5, reference_frame=2)
+    assert torch.equal(avatar.masked_latents, own.masked_latents)
+    list(avatar.stream([source.audio[:4 * SAMPLES_PER_FRAME]], report=False))
+    (call,) = recorder.calls
+    assert all(torch.equal(reference, own.reference_latents[2]) for reference in call["reference"][0])
 
 
 def printed_fps_lines(capsys):
@@ -124,9 +197,10 @@ def bad_inputs(clip, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"--video": "absent.mp4"}, "argument --video: no such file: {tmp}/absent.mp4"),
     ({"--audio": "absent.wav"}, "argument --audio: no such file: {tmp}/absent.wav"),
-    ({"--audio": "short.wav"}, "argument --audio: is 0.680 s, the video 0.800 s (20 frames at 25 fps): the audio "
+    ({"--audio": "short.wav"}, "argument --audio: is 0.360 s, the video 0.480 s (12 frames at 25 fps): the audio "
                                "is 3.0 frames shorter than the video"),
     ({"--audio": "long.wav"}, "the audio is 2.5 frames longer than the video"),
+    ({"--audio": "wide.mp4"}, "argument --audio: {tmp}/wide.mp4 has no readable audio stream"),
     ({"--video": "wide.mp4"}, "argument --video: frames are 256x192; generate needs square face crops"),
     ({"--out": "exists.mp4"}, "argument --out: {tmp}/exists.mp4 already exists; pass --force to overwrite it"),
     ({"--out": "dubbed.avi"}, "argument --out: {tmp}/dubbed.avi must be an .mp4 file"),
@@ -134,13 +208,14 @@ def bad_inputs(clip, tmp_path):
     ({"--checkpoint": "absent.pt"}, "argument --checkpoint: no such file: {tmp}/absent.pt"),
     ({"--config": "huge"}, "argument --config: config must be one of ['default', 'tiny'] (got 'huge')"),
     ({"--batch": "0"}, "argument --batch: must be >= 1 (got 0)"),
+    ({"--reference-frame": "12"}, "argument --reference-frame: must be a frame of the video, 0 .. 11 (got 12)"),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(bad_inputs, capsys, change, message):
     folder, tmp = bad_inputs
     arguments = {"--video": str(folder / "face.mp4"), "--audio": str(folder / "speech.wav"),
                  "--out": str(tmp / "dubbed.mp4"), "--config": "tiny"}
     for flag, value in change.items():
-        arguments[flag] = value if flag in ("--config", "--batch") else str(tmp / value)
+        arguments[flag] = value if flag in ("--config", "--batch", "--reference-frame") else str(tmp / value)
     if "--checkpoint" in change:
         del arguments["--config"]
     before = {p.name: p.read_bytes() for p in tmp.iterdir()}

@@ -121,12 +121,14 @@ def test_finite_difference_jvp_matches_forward_mode_on_the_reference_op_unet():
     from musetalk_fast.ops import use_reference_ops
 
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine two spinning OpenMP threads are far slower (test_trainer.py)
     config = ModelConfig.named("tiny")
     unet = MuseTalkUNet(config).double().eval()
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    batch, frames, size = 2, 2, config.latent_size
+    batch, frames, size = 2, 1, config.latent_size
     shape = (batch, frames, config.vae.latent_channels, size, size)
     masked, reference = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
     audio = torch.randn(batch, frames, config.audio.window_mels, config.audio.dim, dtype=torch.float64)
@@ -137,9 +139,15 @@ def test_finite_difference_jvp_matches_forward_mode_on_the_reference_op_unet():
         return unet(z, masked[pick], reference[pick], audio[pick], codes[pick], t, r)
 
     z, v = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    t, r = torch.tensor([0.7, 0.4], dtype=torch.float64), torch.tensor([0.2, 0.4], dtype=torch.float64)
+    # a central row, a row at (t, r) = (1, 0) (backward stencil), a row at t = r + h / 2 (forward), r = t (skipped)
+    t = torch.tensor([0.7, 1.0, 0.40005, 0.4], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.0, 0.4, 0.4], dtype=torch.float64)
+    z, v = z.repeat(2, 1, 1, 1, 1), v.repeat(2, 1, 1, 1, 1)
+    masked, reference, audio, codes = (a.repeat(2, *[1] * (a.dim() - 1)) for a in (masked, reference, audio, codes))
     with use_reference_ops():
         exact = forward_mode_jvp(predict, z, v, t, r)
         approx = finite_difference_jvp(predict, z, v, t, r)
-    assert exact[0].abs().max() > 1.0 and bool((exact[1] == 0).all()) and bool((approx[1] == 0).all())
-    assert (approx - exact).abs().max() < 3e-3 * exact.abs().max()
+    assert exact[:3].flatten(1).abs().amax(1).min() > 1.0 and bool((exact[3] == 0).all() and (approx[3] == 0).all())
+    errors = [((approx[row] - exact[row]).abs().max() / exact[row].abs().max()).item() for row in range(3)]
+    print("finite-difference JVP error / max |JVP| (central, backward, forward):", errors)
+    assert errors[0] < 3e-3 and max(errors[1:]) < 1e-2  # one-sided stencils: ~4x the central's error constants

@@ -1,0 +1,127 @@
+"""The model rows of `make bench` / `make gpu-check`: the MuseTalk U-Net on our ops against the same model
+with the same weights on musetalk_fast/reference.py (musetalk_fast.ops.use_reference_ops).
+
+    unet train step     forward + backward of the x-prediction loss (MSE to the clean latent, plus the
+                        temporal indexer's KL loss), bf16 autocast over fp32 weights on a GPU; B clips of
+                        clip_frames frames. (The trainer's pMF step adds its JVP's forwards on top.)
+    inference           one-step generation of 20 frames (one clip, F = 20, t = 1, r = 0) with the model in
+                        bf16: audio encoding + U-Net + VAE decode to pixels; the row's items_per_s is FPS.
+
+Default config on a GPU, tiny (float32) on the CPU. FLOPs (2 per multiply-add) are counted by
+musetalk_fast.model.costs on the reference ops at the benchmark's shapes; the roofline is the matmul peak.
+Issue 13's goals (H100): inference >= 200 FPS; train step ours >= 1.5x faster than reference ops.
+"""
+import copy
+
+import torch
+
+from musetalk_fast.model.config import ModelConfig
+from musetalk_fast.model.costs import count_flops, unet_inputs
+from musetalk_fast.model.unet import MuseTalkUNet
+from musetalk_fast.ops import use_reference_ops
+
+from .case import Case
+
+INFERENCE_FRAMES = 20  # MuseTalk's real-time batch
+
+
+def setting(device):
+    """(config name, inference dtype, autocast dtype or None, training clips per step)."""
+    if device == "cuda":
+        return "default", torch.bfloat16, torch.bfloat16, 4
+    return "tiny", torch.float32, None, 1
+
+
+def on_reference_ops(fn):
+    def run():
+        with use_reference_ops():
+            return fn()
+
+    return run
+
+
+def train_step(unet, inputs, target, device, autocast_dtype):
+    """zero grads, forward under autocast, loss, backward (outside autocast, as a trainer does)."""
+    def run():
+        unet.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            x_pred = unet(**inputs)
+            loss = torch.nn.functional.mse_loss(x_pred.float(), target)
+            indexer = unet.indexer_loss()
+            loss = loss if indexer is None else loss + indexer
+        loss.backward()
+
+    return run
+
+
+class MediaParts:
+    """The inference path's other parts (branch media's modules): the audio encoder and codebook, the VAE and
+    its latent statistics, random-initialised (the timings do not depend on the weights)."""
+
+    def __init__(self, config, device, dtype, generator):
+        from musetalk_fast.model.audio import AudioCodebook, AudioEncoder
+        from musetalk_fast.model.vae import LatentStats, build_vae
+
+        audio = config.audio
+        self.config = config
+        self.encoder = AudioEncoder(config).to(device, dtype).eval()
+        fit_windows = torch.randn(2 * audio.codes, 1, audio.window_mels, audio.n_mels, generator=generator)
+        self.codebook = AudioCodebook(config).fit(fit_windows).to(device)
+        self.vae = build_vae(config).to(device, dtype).eval()
+        self.stats = LatentStats(config.vae.latent_channels).to(device)
+
+    def random_windows(self, batch, frames, generator, device, dtype):
+        audio = self.config.audio
+        return torch.randn(batch, frames, audio.window_mels, audio.n_mels, generator=generator).to(device, dtype)
+
+
+def generate_frames(unet, media, inputs):
+    """Log-mel windows -> audio tokens and codes, the U-Net at t = 1, r = 0 from noise, VAE decode -> pixels."""
+    from musetalk_fast.model.vae import decode
+
+    def run():
+        with torch.no_grad():
+            tokens = media.encoder(inputs["windows"])
+            codes = media.codebook.codes(inputs["windows"])
+            z = inputs["z_t"]
+            ones = torch.ones(z.shape[0], device=z.device, dtype=z.dtype)
+            latents = unet(z, inputs["masked"], inputs["reference"], tokens, codes, ones, ones * 0)
+            return decode(media.vae, media.stats, latents)
+
+    return run
+
+
+def cases(device, inference_frames=INFERENCE_FRAMES):
+    name, dtype, autocast_dtype, clips = setting(device)
+    config = ModelConfig.named(name)
+    generator = torch.Generator().manual_seed(0)
+    unet = MuseTalkUNet(config).to(device).train()
+    with torch.no_grad():  # trained-looking weights instead of the zero-initialised branches
+        for parameter in unet.parameters():
+            if parameter.dim() > 1 and not parameter.any():
+                parameter.normal_(0.0, 0.02)
+
+    frames = config.clip_frames
+    inputs = unet_inputs(config, clips, frames, device, generator=generator)
+    target = torch.randn(inputs["z_t"].shape, generator=generator).to(device)
+    step = train_step(unet, inputs, target, device, autocast_dtype)
+    step_flops = count_flops(step)
+    step_shape = f"{name} B={clips} F={frames} {config.latent_size}^2 " + \
+        (f"amp-{str(autocast_dtype).replace('torch.', '')}" if autocast_dtype else "float32")
+
+    generator_unet = copy.deepcopy(unet).eval().to(dtype)
+    media = MediaParts(config, device, dtype, generator)
+    latent_inputs = unet_inputs(config, 1, inference_frames, device, dtype, generator)
+    latent_inputs["windows"] = media.random_windows(1, inference_frames, generator, device, dtype)
+    generate = generate_frames(generator_unet, media, latent_inputs)
+    generate_flops = count_flops(generate)
+    generate_shape = f"{name} F={inference_frames} {config.image_size}^2 {str(dtype).replace('torch.', '')}"
+
+    roofline = "bf16" if device == "cuda" else "fp32"
+    return [
+        Case("unet train step", step_shape, {"ours": step}, {"reference ops": on_reference_ops(step)},
+             flops=step_flops, roofline=roofline),
+        Case("inference audio+unet+vae", generate_shape, {"ours": generate},
+             {"reference ops": on_reference_ops(generate)}, flops=generate_flops, roofline=roofline,
+             items=inference_frames),
+    ]
