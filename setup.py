@@ -150,7 +150,8 @@ setup(
     # numpy .. tqdm: the synthetic talking-head data (musetalk_fast/data), the default data of every command.
     install_requires=["triton>=3.2; platform_system == 'Linux'", "numpy", "scipy", "opencv-python-headless",
                       "imageio-ffmpeg", "tqdm",
-                      "diffusers", "safetensors", "librosa"],  # the model's VAE and audio front end
+                      "diffusers", "safetensors", "librosa",  # the model's VAE and audio front end
+                      "matplotlib"],  # the trainer's report (loss curves PNG)
     extras_require={
         "test": ["pytest>=7"],
         "bench": ["matplotlib"],

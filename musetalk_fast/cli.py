@@ -6,6 +6,9 @@
     musetalk-fast train-vae --data DIR --out VAE [--config tiny] [--steps N]   # the 16-channel VAE (docs/model.md)
     musetalk-fast prepare --data DIR --vae VAE --out SHARDS [--config tiny]   # latents + audio to .npy shards
     musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
+    musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S]
+    musetalk-fast train-syncnet --data D --out SYNCNET [--config tiny] [--steps N]  # the lip-sync expert (docs/train.md)
+    musetalk-fast eval --checkpoint C --data D [--split test]   # mouth measured in generated pixels (docs/train.md)
 """
 import argparse
 import sys
@@ -226,12 +229,168 @@ def _generate(args, parser):
     return 0
 
 
+def _add_train(subcommands):
+    parser = subcommands.add_parser(
+        "train", help="train the model: stage 1 (pixel MeanFlow reconstruction), stage 2 (Engram + lip sync), or both",
+        description="Train on the 'train' identities of --data (the synthetic layout, with ground truth), evaluate "
+                    "on its val/test identities, write RUN/stage<k>/checkpoint.pt (resume), RUN/stage<k>/model.pt "
+                    "(EMA weights) and RUN/report.json/.png. Without --stage: both stages. docs/train.md.")
+    parser.add_argument("--data", required=True, help="the data folder (musetalk-fast make-data)")
+    parser.add_argument("--out", required=True, help="the run folder")
+    parser.add_argument("--config", default="tiny", help="named model config: tiny (default) or default")
+    parser.add_argument("--stage", type=int, choices=(1, 2), help="one stage (default: 1 then 2)")
+    parser.add_argument("--steps", type=int, help="steps per stage (default: per config and stage)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/stage<k>/checkpoint.pt")
+    parser.add_argument("--vae", help="a train-vae folder (default: train one into RUN/vae)")
+    parser.add_argument("--syncnet", help="a train-syncnet file for stage 2 (default: train one into RUN/syncnet.pt)")
+    parser.add_argument("--init", help="stage 2's starting model (default RUN/stage1/model.pt)")
+    parser.add_argument("--batch", type=int, default=None, help="clips per step (default 4)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
+    parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (on a shared machine 1 can be far faster than the default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_train)
+    return parser
+
+
+def _train(args, parser):
+    from dataclasses import replace
+
+    from .model.config import ModelConfig
+    from .train.pipeline import TrainArgumentError, run_train
+    from .train.trainer import TrainOptions
+
+    try:
+        config = ModelConfig.named(args.config)
+    except ValueError as error:
+        parser.error(f"argument --config: {error}")
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--eval-every", args.eval_every)):
+        if value is not None and value < (0 if flag == "--eval-every" else 1):
+            parser.error(f"argument {flag}: must be {'>= 0' if flag == '--eval-every' else '>= 1'} (got {value})")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"argument --threads: must be >= 1 (got {args.threads})")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
+    overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every}
+    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        history = run_train(args.data, args.out, config, stages=(args.stage,) if args.stage else (1, 2),
+                            steps=args.steps, resume=args.resume, vae=args.vae, syncnet=args.syncnet, init=args.init,
+                            options=options, progress=not args.no_progress, device=args.device)
+    except TrainArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    last = history.evals[-1] if history.evals else {}
+    print(f"wrote {args.out}/report.json and report.png" + (
+        f"; held-out opening correlation {last['opening_correlation']:.3f}, silent frames closed "
+        f"{last['silent_closed_share']:.1%}" if "opening_correlation" in last else ""))
+def _add_threads(parser):
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (on a shared machine 1 can be far faster than the default)")
+
+
+def _set_threads(args, parser):
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"argument --threads: must be >= 1 (got {args.threads})")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _add_train_syncnet(subcommands):
+    parser = subcommands.add_parser(
+        "train-syncnet", help="train the SyncNet (lower face vs audio window) that stage 2's lip-sync loss uses",
+        description="Train a SyncNet on the 'train' identities of --data (contrastive: each frame's lower face "
+                    "picks its own log-mel window among the batch's, in-clip offsets as hard negatives), report its "
+                    "accuracy of picking the right audio offset among +-k on held-out identities, write --out. "
+                    "docs/train.md.")
+    parser.add_argument("--data", required=True, help="the data folder (musetalk-fast make-data)")
+    parser.add_argument("--out", required=True, help="the SyncNet checkpoint file to write")
+    parser.add_argument("--config", default="tiny", help="named model config: tiny (default) or default")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--batch", type=int, default=16, help="pieces of clip_frames frames per step (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--heldout", default="val", choices=("val", "test"), help="split measured (default val)")
+    _add_threads(parser)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_train_syncnet)
+    return parser
+
+
+def _train_syncnet(args, parser):
+    from .model.config import ModelConfig
+    from .train.pipeline import TrainArgumentError
+    from .train.syncnet_training import run_train_syncnet
+
+    _set_threads(args, parser)
+    try:
+        config = ModelConfig.named(args.config)
+    except ValueError as error:
+        parser.error(f"argument --config: {error}")
+    try:
+        report = run_train_syncnet(args.data, args.out, config, args.steps, args.batch, args.seed, args.heldout,
+                                   args.force, progress=not args.no_progress)
+    except TrainArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    print(f"wrote {args.out}: {args.heldout} offset accuracy {report['offset_accuracy']:.1%} (chance "
+          f"{report['chance']:.1%}), speaking frames {report['offset_accuracy_speaking']:.1%} (chance "
+          f"{report['chance_speaking']:.1%}), offsets +-{report['offsets']}, {report['frames']} frames; "
+          f"{report['train_seconds']:.0f} s of training")
+    return 0
+
+
+def _add_eval(subcommands):
+    parser = subcommands.add_parser(
+        "eval", help="measure a model on held-out clips: mouth opening vs truth, closed in silence, PSNR/SSIM, FPS",
+        description="Generate every clip of --split in --data with the checkpoint (one fixed reference frame per "
+                    "clip) and measure the mouth in the generated pixels against the ground truth. docs/train.md.")
+    parser.add_argument("--checkpoint", required=True, help="a model checkpoint (MuseTalk.save; train's model.pt)")
+    parser.add_argument("--data", required=True, help="the data folder (musetalk-fast make-data)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="clips measured (default test)")
+    parser.add_argument("--reference", default="open", choices=("open", "first"),
+                        help="each clip's reference frame: its widest-open mouth (default) or its first frame")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generation noise (default 0)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    _add_threads(parser)
+    parser.set_defaults(run=_eval)
+    return parser
+
+
+def _eval(args, parser):
+    import json
+
+    from .train.evaluate import run_eval
+    from .train.pipeline import TrainArgumentError
+
+    _set_threads(args, parser)
+    try:
+        metrics = run_eval(args.checkpoint, args.data, args.split, args.reference, args.seed, args.device)
+    except TrainArgumentError as error:
+        parser.error(f"argument --{error.argument}: {error.reason}")
+    text = json.dumps(metrics, indent=1, sort_keys=True)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as out:
+            out.write(text + "\n")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="musetalk-fast", description="musetalk_fast: data, training and evaluation")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parsers = {"make-data": _add_make_data(subcommands), "check-data": _add_check_data(subcommands),
                "train-vae": _add_train_vae(subcommands), "prepare": _add_prepare(subcommands),
-               "generate": _add_generate(subcommands)}
+               "generate": _add_generate(subcommands), "train": _add_train(subcommands),
+               "train-syncnet": _add_train_syncnet(subcommands), "eval": _add_eval(subcommands)}
     return parser, parsers
 
 

@@ -1,0 +1,276 @@
+"""The two-stage trainer of the MuseTalk model (issue 14), one loop read top to bottom in `train_stage`.
+
+Stage 1 (reconstruction): the pixel-MeanFlow loss on the U-Net's x-prediction (meanflow.py), plus, on
+the decoded pixels of the rows with t < 0.8 (pMF applies its perceptual loss only there: at larger t the
+x-prediction is a blur of many images), the image loss (MS-SSIM + gradient, or LPIPS with local VGG
+weights: image_losses.py) and an L1 on the mouth region. The Engram memory is frozen (its gate stays at
+zero, so the U-Net learns without it). References come from Informative Frame Sampling.
+Stage 2 (refinement): from the stage-1 model, the Engram unfrozen, the frozen SyncNet's lip-sync loss
+added with a weight ramped linearly from 0, and Dynamic Margin Sampling of the mask; pMF kept.
+
+Both: AdamW with a linear warm-up, gradient clipping, EMA weights (evaluated and saved), bf16 autocast
+(CPU too; `bf16=False` turns it off), gradient checkpointing, optional Transformer Engine fp8 linears, a
+NaN/Inf guard that stops with the step and the offending loss, a progress bar with ETA, periodic
+evaluation on held-out identities (evaluate.py: the mouth measured in the generated pixels), atomic
+checkpoints with exact resume (checkpoint.py), and a report (report.json + report.png).
+
+    RUN/stage<k>/checkpoint.pt   the training state (resume)
+    RUN/stage<k>/model.pt        the EMA model (MuseTalk.save), what `generate`/`eval` load
+    RUN/report.json, report.png  curves and metrics of every stage run into RUN
+"""
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, resume, save_checkpoint
+from .data import ClipSampler, mouth_mask
+from .ema import EMA
+from .meanflow import pmf_loss, sample_times
+from .precision import autocast, use_fp8_linears
+from .report import History, write_report
+
+
+@dataclass
+class TrainOptions:
+    """Hyperparameters (defaults sized for the tiny config on a CPU)."""
+    batch: int = 4
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.99)
+    weight_decay: float = 0.01
+    warmup: int = 20                # steps of linear learning-rate warm-up
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    bf16: bool = True               # autocast to bfloat16 (CPU and GPU)
+    grad_checkpointing: bool = True
+    fp8: bool = False               # Transformer Engine fp8 linears when importable
+    equal_share: float = 0.5        # share of rows with r = t (MeanFlow: 0.75 on ImageNet)
+    time_mean: float = -0.4         # logit-normal (t, r) sampler
+    time_std: float = 1.0
+    one_step_share: float = 0.25    # rows drawn at (t, r) = (1, 0), the one-step generation the model serves
+    image_weight: float = 1.0       # MS-SSIM + gradient (or LPIPS) on decoded pixels, rows with t < image_t_max
+    image_t_max: float = 0.8
+    image_samples: int = 1          # samples per step decoded for the image, mouth and sync losses
+    mouth_weight: float = 1.0       # L1 on the mouth box of the decoded pixels
+    sync_weight: float = 0.1        # stage 2: the SyncNet loss, ramped from 0 over sync_ramp of the steps
+    sync_ramp: float = 0.5
+    indexer_weight: float = 0.01    # the temporal attention's indexer KL loss (DSA), when the U-Net reports one
+    max_margin: int = 16            # stage 2: Dynamic Margin Sampling's largest extra mask margin (pixels)
+    checkpoint_every: int = 25
+    eval_every: int = 0             # 0: evaluate at the end of the stage only
+    eval_clips: int = 4
+    seed: int = 0
+    margins: tuple = field(default=(0, 8, 16))  # the masked latents precomputed per margin
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or the gradient norm became NaN or Inf: training stops, naming the step and the loss."""
+
+    def __init__(self, step, name, value):
+        super().__init__(f"step {step}: loss '{name}' is {value} (not finite); training stopped, the last checkpoint "
+                         f"is the one before it")
+        self.step, self.name, self.value = step, name, value
+
+
+def trainable_modules(model):
+    return torch.nn.ModuleDict({"unet": model.unet, "audio_encoder": model.audio_encoder})
+
+
+def set_stage(model, stage):
+    """Stage 1: the Engram frozen; stage 2: everything of the U-Net and audio encoder trains. The VAE,
+    its latent statistics and the codebook never train."""
+    model.vae.requires_grad_(False).eval()
+    trainable_modules(model).requires_grad_(True).train()
+    if stage == 1:
+        for parameter in model.unet.engram_parameters():
+            parameter.requires_grad_(False)
+
+
+def flow_times(batch, options):
+    """(t, r) [B]: logit-normal with a share of r = t (meanflow.sample_times), and a share of rows at
+    exactly (1, 0), the one-step generation of inference."""
+    t, r = sample_times(batch, mean=options.time_mean, std=options.time_std, equal_share=options.equal_share)
+    one_step = torch.rand(batch) < options.one_step_share
+    return torch.where(one_step, torch.ones_like(t), t), torch.where(one_step, torch.zeros_like(r), r)
+
+
+def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, sync_weight=0.0):
+    """The losses of one batch (a dict of scalars) and the U-Net's indexer loss if any."""
+    from ..model.vae import decode
+
+    from ..model.vae import lower_half_mask
+
+    unet = model.unet
+    audio = model.audio_encoder(batch["windows"])
+    extra = {}
+    # the latent rows each sample's mask covers (Dynamic Margin Sampling moves its top up by margin // 8 rows)
+    size = batch["x"].shape[-1]
+    mask = lower_half_mask(size, batch["margin"].cpu() // 8).to(batch["x"].device).unsqueeze(1)  # [B, 1, 1, h, w]
+
+    def predict_x(z, tt, rr, rows=None):
+        pick = slice(None) if rows is None else rows
+        tokens = audio[pick] if rows is None else audio[pick].detach()
+        x = unet(z, batch["masked"][pick], batch["reference"][pick], tokens, batch["codes"][pick], tt, rr,
+                 mask=mask[pick])
+        if rows is None:  # the finite-difference calls that follow overwrite the indexer's loss
+            extra["indexer"] = unet.indexer_loss()
+        return x
+
+    out = pmf_loss(predict_x, batch["x"], eps, t, r)
+    losses = {"pmf": out["loss"]}
+    # Decoding is the step's dearest part (the VAE decoder costs ~20x the tiny U-Net per frame): at most
+    # options.image_samples samples go through it, those with t < image_t_max first (pMF's perceptual range),
+    # then, for the sync loss only, any others.
+    near = t < options.image_t_max
+    use_sync = syncnet is not None and sync_weight > 0
+    order = torch.argsort((~near).to(torch.int8), stable=True)
+    chosen = order[:options.image_samples]
+    chosen = chosen if use_sync else chosen[near[chosen]]
+    if chosen.numel():
+        pixels = decode(model.vae, model.latent_stats, out["x_pred"][chosen]).float()
+        target = batch["pixels"][chosen]
+        picked = near[chosen]
+        # the image losses in float32: MS-SSIM's ratios of small local variances underflow in bf16 (-inf seen)
+        full = torch.autocast(pixels.device.type, enabled=False)
+        if picked.any():
+            with full:
+                losses["image"] = image_loss(pixels[picked], target[picked])
+                box = mouth_mask(batch["mouth_box"][chosen][picked], target.shape[-1]).to(pixels.device)
+                losses["mouth"] = ((pixels[picked] - target[picked]).abs() * box).sum() / (3 * box.sum()).clamp_min(1)
+        if use_sync:
+            from .syncnet import lower_half, sync_loss
+
+            losses["sync"] = sync_loss(syncnet, lower_half(pixels), batch["windows"][chosen])
+    if extra.get("indexer") is not None:
+        losses["indexer"] = extra["indexer"]
+    weights = {"pmf": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "sync": sync_weight,
+               "indexer": options.indexer_weight}
+    return losses, weights, out["mse"]
+
+
+def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resume_run=False, syncnet=None,
+                image_loss=None, progress=True, history=None, callback=None):
+    """Train `model` (a MuseTalk) for stage 1 or 2 up to `steps` steps, checkpointing into out/stage<k>;
+    returns the History. `callback(step)` runs after each step's checkpoint (tests inject a crash there)."""
+    from tqdm import tqdm
+
+    folder = Path(out) / f"stage{stage}"
+    folder.mkdir(parents=True, exist_ok=True)
+    history = history if history is not None else History()
+    if image_loss is None:
+        from .image_losses import ImageLoss
+
+        image_loss = ImageLoss()
+    device = next(model.unet.parameters()).device
+
+    # --- the model, the optimizer and their schedule
+    set_stage(model, stage)
+    model.unet.gradient_checkpointing = options.grad_checkpointing
+    forward_context = None
+    if options.fp8:
+        swapped, forward_context = use_fp8_linears(model.unet)
+        history.info[f"stage{stage}_fp8_linears"] = swapped
+    trainable = trainable_modules(model)
+    parameters = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=options.lr, betas=tuple(options.betas),
+                                  weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(options.warmup, 1)))
+    ema = EMA(trainable, options.ema_decay)
+    sampler = ClipSampler(train_clips, model.config.clip_frames, seed=options.seed * 1000 + stage)
+    torch.manual_seed(options.seed * 1000 + stage)
+    np.random.seed(options.seed * 1000 + stage)
+
+    # --- resume: model, optimizer, EMA, schedule, data position and every random state
+    step = 0
+    checkpoint_path = folder / "checkpoint.pt"
+    if resume_run and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        step = resume(state, model=model, optimizer=optimizer, ema=ema, scheduler=scheduler, sampler=sampler)
+        history.load_state_dict(state["extra"]["history"])
+        print(f"stage {stage}: resumed from {checkpoint_path} at step {step}")
+
+    def save(at):
+        save_checkpoint(checkpoint_path, step=at, model=model, optimizer=optimizer, ema=ema, scheduler=scheduler,
+                        sampler=sampler, extra={"stage": stage, "options": options.to_dict(),
+                                                "history": history.state_dict()})
+
+    bar = tqdm(total=steps, initial=step, desc=f"stage {stage}", unit="step", disable=not progress, dynamic_ncols=True)
+    while step < steps:
+        started = time.perf_counter()
+        # --- one batch: F frames of a clip each, informative references, (t, r), noise
+        batch = sampler.draw(options.batch, max_margin=options.max_margin if stage == 2 else 0)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        t, r = flow_times(options.batch, options)
+        t, r = t.to(device), r.to(device)
+        eps = torch.randn_like(batch["x"])
+        sync_weight = 0.0
+        if stage == 2 and syncnet is not None:
+            sync_weight = options.sync_weight * min(1.0, step / max(options.sync_ramp * steps, 1))
+
+        # --- forward: pMF + image + mouth (+ sync) losses
+        with autocast(device, options.bf16), (forward_context() if forward_context else contextlib.nullcontext()):
+            losses, weights, mse = compute_losses(model, batch, t, r, eps, options, image_loss, syncnet, sync_weight)
+        total = sum(weights[name] * value.float() for name, value in losses.items())
+        for name, value in [*losses.items(), ("total", total)]:
+            if not torch.isfinite(value).all():
+                raise NonFiniteLossError(step + 1, name, float(value))
+
+        # --- backward, clip, step, EMA
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(step + 1, "gradient norm", float(norm))
+        optimizer.step()
+        scheduler.step()
+        ema.update(trainable)
+        step += 1
+
+        # --- log, checkpoint, evaluate
+        seconds = time.perf_counter() - started
+        history.log(step, stage, loss_total=total.item(), **{f"loss_{k}": v.item() for k, v in losses.items()},
+                    pmf_mse=mse.mean().item(), grad_norm=norm.item(), lr=scheduler.get_last_lr()[0],
+                    sync_weight=sync_weight, seconds=seconds)
+        bar.set_postfix(loss=f"{total.item():.3f}", pmf=f"{losses['pmf'].item():.3f}")
+        bar.update(1)
+        if step % options.checkpoint_every == 0 or step == steps:
+            save(step)
+        if eval_clips and ((options.eval_every and step % options.eval_every == 0) or step == steps):
+            metrics = evaluate_ema(model, ema, eval_clips)
+            history.log_eval(step, stage, metrics)
+            bar.write(f"stage {stage} step {step}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+            if step == steps:
+                save(step)  # the final evaluation joins the checkpoint's history
+        if callback is not None:
+            callback(step)
+    bar.close()
+
+    # --- the EMA model, for generate / eval / stage 2
+    ema_model(model, ema).save(folder / "model.pt")
+    write_report(history, out, title=f"musetalk-fast train ({model.config.image_size} px, stage {stage})")
+    return history
+
+
+def evaluate_ema(model, ema, clips):
+    """evaluate.py's metrics of the EMA weights on held-out clips (the mouth measured in generated pixels)."""
+    from .evaluate import evaluate
+    from .generation import clip_generator
+
+    return evaluate(clip_generator(ema_model(model, ema).eval()), clips)
+
+
+def ema_model(model, ema):
+    """A copy of `model` (a MuseTalk) with the EMA weights in its trainable parts. Building it draws a random
+    init, from a forked generator: evaluating leaves the training's random stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        copied = type(model)(model.config)
+    copied.load_state_dict(model.state_dict())
+    ema.copy_to(trainable_modules(copied))
+    return copied.to(next(model.unet.parameters()).device)
