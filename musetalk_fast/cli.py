@@ -93,7 +93,7 @@ def _add_train_vae(subcommands):
     parser.add_argument("--steps", type=int, default=400, help="optimiser steps (default 400)")
     parser.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
     parser.add_argument("--crop", type=int, default=None, help="crop size in pixels (default half the image)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")

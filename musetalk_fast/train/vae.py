@@ -33,7 +33,7 @@ class VAETraining:
     steps: int = 400
     batch: int = 8
     crop_size: int = None     # None: image_size // 2
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 20
     mouth_weight: float = 4.0
     kl_weight: float = 1e-6
