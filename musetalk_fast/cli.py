@@ -90,7 +90,7 @@ def _add_train_vae(subcommands):
     parser.add_argument("--data", required=True, help="data folder (musetalk-fast make-data, or real clips)")
     parser.add_argument("--out", required=True, help="output folder (must be empty or new, unless --force)")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS), help="model config (default tiny)")
-    parser.add_argument("--steps", type=int, default=400, help="optimiser steps (default 400)")
+    parser.add_argument("--steps", type=int, default=800, help="optimiser steps (default 800)")
     parser.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
     parser.add_argument("--crop", type=int, default=None, help="crop size in pixels (default half the image)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")

@@ -30,7 +30,7 @@ REPORT = "train_vae.json"
 
 @dataclass
 class VAETraining:
-    steps: int = 400
+    steps: int = 800
     batch: int = 8
     crop_size: int = None     # None: image_size // 2
     lr: float = 1e-3
