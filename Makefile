@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RESULTS ?= bench/results
 
-.PHONY: install bench cmake test gpu-check tune
+.PHONY: install bench cmake test gpu-check gpu-wheels tune
 
 # torch is never left to pip's resolver: an existing torch (e.g. a CUDA build) is kept, and a bare
 # machine gets the pinned CPU wheel. Triton 3.6 matches the GPU machines (and its CPU interpreter
@@ -34,9 +34,22 @@ test: install cmake
 # The one verification command on a GPU machine that already has torch, Triton and pytest (e.g. an
 # offline one): build, every test on the GPU, every benchmark, then a summary printed last and
 # written to $(RESULTS)/<gpu>-gpu-check.txt beside <gpu>.json/.png.
+# Wheels in .whl/ (from `make gpu-wheels` on a machine with internet) are installed first, without an index.
 gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then $(PIP) install -q --no-index --no-deps --no-compile .whl/*.whl; fi
 	$(PIP) install --no-build-isolation --no-deps -e .
 	$(PYTHON) -m musetalk_fast.bench.gpu_check --results $(RESULTS)
+
+# The model's runtime packages an offline GPU machine lacks (its image has torch, numpy, scipy, OpenCV,
+# numba, scikit-learn, huggingface-hub, safetensors, transformers, tqdm, matplotlib; not these), as
+# CPython 3.12 manylinux wheels in .whl/ to carry there: diffusers and librosa with their missing needs,
+# and imageio-ffmpeg (the ffmpeg binary of video I/O; 0.6.0: 29 MB where 0.8.1 is 68, past what a run carries).
+GPU_WHEELS = diffusers==0.42.1 importlib-metadata==10.2.0 librosa==0.11.0 audioread==3.1.0 decorator==5.3.1 \
+	soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 pooch==1.9.0 platformdirs==4.14.7 soxr==1.1.0 imageio-ffmpeg==0.6.0
+gpu-wheels:
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
 
 # Regenerate this GPU's launch-config table (kernels/configs/<gpu>.json) by tuning at the benchmark shapes.
 tune:
