@@ -4,8 +4,8 @@ Stage 1 (reconstruction): the pixel-MeanFlow loss on the U-Net's x-prediction (m
 the decoded pixels, the image loss (MS-SSIM + gradient, or LPIPS with local VGG weights: image_losses.py)
 of the rows with t < 0.8 (pMF applies its perceptual loss only there: at larger t the x-prediction is a
 blur of many images) and an L1 on the mouth region of every decoded row (at t = 1, the one-step
-generation of inference, the mouth can only come from the audio). The Engram memory is frozen (its gate stays at
-zero, so the U-Net learns without it). References come from Informative Frame Sampling.
+generation of inference, the mouth can only come from the audio). The Engram memory is frozen (its gate
+stays at zero, so the U-Net learns without it). References come from Informative Frame Sampling.
 Stage 2 (refinement): from the stage-1 model, the Engram unfrozen, the frozen SyncNet's lip-sync loss
 added with a weight ramped linearly from 0, and Dynamic Margin Sampling of the mask; pMF kept.
 
@@ -125,8 +125,8 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
 
     out = pmf_loss(predict_x, batch["x"], eps, t, r)
     losses = {"pmf": out["loss"]}
-    # Decoding is the step's dearest part (the VAE decoder costs ~20x the tiny U-Net per frame): the first
-    # options.image_samples samples of the (i.i.d.) batch are decoded. The image loss takes those with
+    # Decoding is the step's dearest part (at 128 px the VAE decoder costs more per frame than the tiny
+    # U-Net): the first options.image_samples samples of the (i.i.d.) batch are decoded. The image loss takes those with
     # t < image_t_max (pMF's perceptual range); the mouth L1 and the sync loss take all of them: at t = 1, the
     # one-step generation inference runs, the mouth can only come from the audio.
     near = t < options.image_t_max
