@@ -126,9 +126,9 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     out = pmf_loss(predict_x, batch["x"], eps, t, r)
     losses = {"pmf": out["loss"]}
     # Decoding is the step's dearest part (at 128 px the VAE decoder costs more per frame than the tiny
-    # U-Net): the first options.image_samples samples of the (i.i.d.) batch are decoded. The image loss takes those with
-    # t < image_t_max (pMF's perceptual range); the mouth L1 and the sync loss take all of them: at t = 1, the
-    # one-step generation inference runs, the mouth can only come from the audio.
+    # U-Net): the first options.image_samples samples of the (i.i.d.) batch are decoded. The image loss
+    # takes those with t < image_t_max (pMF's perceptual range); the mouth L1 and the sync loss take all
+    # of them: at t = 1, the one-step generation inference runs, the mouth can only come from the audio.
     near = t < options.image_t_max
     chosen = torch.arange(min(options.image_samples, len(t)), device=t.device)
     if chosen.numel():
