@@ -133,6 +133,7 @@ setup(
         "musetalk_fast.nn",
         "musetalk_fast.data",
         "musetalk_fast.model",
+        "musetalk_fast.train",
         "musetalk_fast.kernels",
         "musetalk_fast.bench",
         "musetalk_fast.bench.ops",

@@ -47,8 +47,7 @@ def build_vae(config, pretrained=None):
         if not (path / "config.json").is_file():
             raise ValueError(f"vae.pretrained {path} is a folder without config.json (not a diffusers model folder)")
         _check_folder_config(path, config)
-        vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
-        return vae
+        return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
     if path.suffix != ".safetensors":
         raise ValueError(f"vae.pretrained {path} must be a diffusers folder or a .safetensors file")
     from safetensors.torch import load_file
@@ -93,15 +92,14 @@ class LatentStats(nn.Module):
         self.register_buffer("shift", torch.zeros(channels))
         self.register_buffer("scale", torch.ones(channels))
 
-    def _view(self, tensor, like):
-        # channels are dim -3 of [..., C, h, w]
-        return tensor.to(like.dtype).view(-1, 1, 1)
+    def _per_channel(self, buffer, latents):
+        return buffer.to(latents.dtype).view(-1, 1, 1)  # channels are dim -3 of [..., C, h, w]
 
     def normalise(self, latents):
-        return (latents - self._view(self.shift, latents)) / self._view(self.scale, latents)
+        return (latents - self._per_channel(self.shift, latents)) / self._per_channel(self.scale, latents)
 
     def denormalise(self, latents):
-        return latents * self._view(self.scale, latents) + self._view(self.shift, latents)
+        return latents * self._per_channel(self.scale, latents) + self._per_channel(self.shift, latents)
 
     def to_dict(self):
         return {"shift": self.shift.tolist(), "scale": self.scale.tolist()}

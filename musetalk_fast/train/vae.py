@@ -30,16 +30,17 @@ REPORT = "train_vae.json"
 
 @dataclass
 class VAETraining:
-    steps: int = 400
+    steps: int = 800
     batch: int = 8
     crop_size: int = None     # None: image_size // 2
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 20
     mouth_weight: float = 4.0
     kl_weight: float = 1e-6
     ssim_weight: float = 0.5
     gradient_weight: float = 1.0
     seed: int = 0
+    initial_logvar: float = -8.0  # the posterior's log-variance at the start (see train_vae)
     max_minutes: float = None  # stop early (after the step that crosses it)
 
 
@@ -80,6 +81,11 @@ def train_vae(config, frames, mouth_boxes=None, training=VAETraining(), progress
     torch.manual_seed(training.seed)
     rng = np.random.default_rng(training.seed)
     vae = build_vae(config).train()
+    # A fresh encoder's posterior has log-variance ~0 (std 1) around means of ~0.1: sampled latents would be
+    # almost pure noise and the decoder would learn slowly. Start the log-variance half of quant_conv's
+    # output at initial_logvar (std 0.02); the KL term then moves it where it needs to be.
+    with torch.no_grad():
+        vae.quant_conv.bias[config.vae.latent_channels:] = training.initial_logvar
     optimizer = torch.optim.AdamW(vae.parameters(), lr=training.lr, weight_decay=0.0)
     # linear warm-up, then cosine down to a tenth
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / training.warmup) * (
