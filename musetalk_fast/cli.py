@@ -290,6 +290,20 @@ def _train(args, parser):
     print(f"wrote {args.out}/report.json and report.png" + (
         f"; held-out opening correlation {last['opening_correlation']:.3f}, silent frames closed "
         f"{last['silent_closed_share']:.1%}" if "opening_correlation" in last else ""))
+def _add_threads(parser):
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (on a shared machine 1 can be far faster than the default)")
+
+
+def _set_threads(args, parser):
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"argument --threads: must be >= 1 (got {args.threads})")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _add_train_syncnet(subcommands):
     parser = subcommands.add_parser(
         "train-syncnet", help="train the SyncNet (lower face vs audio window) that stage 2's lip-sync loss uses",
@@ -304,6 +318,7 @@ def _add_train_syncnet(subcommands):
     parser.add_argument("--batch", type=int, default=16, help="pieces of clip_frames frames per step (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--heldout", default="val", choices=("val", "test"), help="split measured (default val)")
+    _add_threads(parser)
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_train_syncnet)
@@ -315,6 +330,7 @@ def _train_syncnet(args, parser):
     from .train.pipeline import TrainArgumentError
     from .train.syncnet_training import run_train_syncnet
 
+    _set_threads(args, parser)
     try:
         config = ModelConfig.named(args.config)
     except ValueError as error:
@@ -344,6 +360,7 @@ def _add_eval(subcommands):
     parser.add_argument("--seed", type=int, default=0, help="seed of the generation noise (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    _add_threads(parser)
     parser.set_defaults(run=_eval)
     return parser
 
@@ -354,6 +371,7 @@ def _eval(args, parser):
     from .train.evaluate import run_eval
     from .train.pipeline import TrainArgumentError
 
+    _set_threads(args, parser)
     try:
         metrics = run_eval(args.checkpoint, args.data, args.split, args.reference, args.seed, args.device)
     except TrainArgumentError as error:

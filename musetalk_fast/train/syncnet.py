@@ -93,7 +93,8 @@ class SyncNet(nn.Module):
                              f"(face_size; got {tuple(frames.shape)})")
         x = frames.float() if prepared else self.prepare_faces(frames)
         c = self.sync.visual_context
-        neighbours = (torch.arange(count)[:, None] + torch.arange(-c, c + 1)[None]).clamp(0, count - 1)
+        offsets = torch.arange(-c, c + 1, device=x.device)
+        neighbours = (torch.arange(count, device=x.device)[:, None] + offsets[None]).clamp(0, count - 1)
         x = x[:, neighbours].flatten(2, 3).flatten(0, 1)  # [B * F, (2c + 1) * 3, H, W]
         return F.normalize(self.visual(x), dim=-1).reshape(batch, count, -1)
 
@@ -146,7 +147,7 @@ def info_nce(visual, audio, windows, positives, scale):
     (windows [M, ...]) is identical to the right one are left out: they are the same audio, no negative."""
     flat = windows.flatten(1).float()
     same = (flat[positives][:, None] - flat[None]).abs().amax(-1) <= IDENTICAL_WINDOW_TOL
-    same[torch.arange(len(positives)), positives] = False
+    same[torch.arange(len(positives), device=positives.device), positives] = False
     logits = (scale * visual.float() @ audio.float().T).masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, positives)
 
@@ -165,7 +166,7 @@ def contrastive_loss(syncnet, frames, windows, prepared=False, heard=None):
     visual = syncnet.embed_frames(frames, prepared).flatten(0, 1)
     audio = syncnet.embed_audio(windows if heard is None else heard).flatten(0, 1)
     positives = (torch.arange(batch)[:, None] * (count + 2 * k) + k + torch.arange(count)[None]).flatten()
-    return info_nce(visual, audio, windows.flatten(0, 1), positives.to(visual.device), syncnet.scale)
+    return info_nce(visual, audio, windows.flatten(0, 1).to(visual.device), positives.to(visual.device), syncnet.scale)
 
 
 def sync_loss(syncnet, lower_face_frames, windows):

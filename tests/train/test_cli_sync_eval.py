@@ -59,11 +59,13 @@ def test_train_syncnet_bad_input(data, tmp_path, capsys):
     fails(["train-syncnet", "--data", str(tmp_path / "none"), "--out", out], capsys, "argument --data:")
     fails(["train-syncnet", "--data", str(data), "--out", str(tmp_path)], capsys, "argument --out:")
     fails(["train-syncnet", "--data", str(data), "--out", out, "--config", "huge"], capsys, "argument --config:")
+    fails(["train-syncnet", "--data", str(data), "--out", out, "--threads", "0"], capsys, "argument --threads:")
 
 
 def test_eval_prints_the_metrics(data, checkpoint, tmp_path, capsys):
     report = tmp_path / "metrics.json"
-    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--json", str(report)]) == 0
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--json", str(report),
+                 "--threads", str(torch.get_num_threads())]) == 0
     metrics = json.loads(report.read_text())
     assert json.loads(capsys.readouterr().out) == metrics
     assert metrics["clips"] == 1 and metrics["frames"] == 15 and metrics["fps"] > 0
