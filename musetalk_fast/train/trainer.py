@@ -217,7 +217,7 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
         total = sum(weights[name] * value.float() for name, value in losses.items())
         for name, value in [*losses.items(), ("total", total)]:
             if not torch.isfinite(value).all():
-                raise NonFiniteLossError(step + 1, name, float(value))
+                raise NonFiniteLossError(step + 1, name, value.detach().item())
 
         # --- backward, clip, step, EMA
         optimizer.zero_grad(set_to_none=True)
