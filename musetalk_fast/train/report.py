@@ -3,6 +3,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 
 class History:
     """Per-step scalars (losses, learning rate, seconds) and per-evaluation metrics, kept in the checkpoint
@@ -47,26 +49,51 @@ def write_report(history, out, title="training"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({k for row in history.steps for k in row if k.startswith("loss")})
-    metrics = sorted({k for row in history.evals for k in row if k not in ("step", "stage")})
+    # one x axis over the stages: stage k's steps follow the last step of stage k - 1
+    last = {}
+    for row in history.steps:
+        last[row["stage"]] = max(last.get(row["stage"], 0), row["step"])
+    offset, total = {}, 0
+    for stage in sorted(last):
+        offset[stage], total = total, total + last[stage]
+
+    def x_of(row):
+        return row["step"] + offset.get(row["stage"], 0)
+
+    names = sorted({k for row in history.steps for k in row if k.startswith("loss") or k == "pmf_mse"})
+    metrics = sorted({k for row in history.evals for k in row if k not in ("step", "stage")
+                      and all(-1.5 <= row[k] <= 1.5 for row in history.evals if _finite(row.get(k)) is not None)})
     panels = max(len(names), 1) + (1 if metrics else 0)
-    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
-    for axis, name in zip(axes[0], names):
-        points = [(row["step"], row[name]) for row in history.steps if name in row and _finite(row[name])]
-        if points:
-            axis.plot(*zip(*points), lw=0.8)
-            if all(v > 0 for _, v in points):
-                axis.set_yscale("log")
+    columns = min(panels, 4)
+    rows = (panels + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    axes = axes.ravel()
+    for axis in axes[panels:]:
+        axis.set_visible(False)
+    for axis, name in zip(axes, names):
+        for stage in sorted(last):
+            points = [(x_of(row), row[name]) for row in history.steps
+                      if row["stage"] == stage and name in row and _finite(row[name]) is not None]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            axis.plot(xs, ys, lw=0.5, alpha=0.4, color=f"C{stage - 1}")
+            width = max(1, len(ys) // 20)  # a moving average over ~5 % of the stage
+            smooth = np.convolve(ys, np.ones(width) / width, mode="valid")
+            axis.plot(xs[width - 1:], smooth, lw=1.4, color=f"C{stage - 1}", label=f"stage {stage}")
+        if all(row[name] > 0 for row in history.steps if _finite(row.get(name)) is not None):
+            axis.set_yscale("log")
         axis.set_title(name)
-        axis.set_xlabel("step")
+        axis.set_xlabel("step (both stages)")
+        axis.legend(fontsize=6)
     if metrics:
-        axis = axes[0][-1]
-        for name in metrics:
-            points = [(row["step"], row[name]) for row in history.evals if _finite(row.get(name))]
-            if points and all(-1.5 <= v <= 1.5 for _, v in points):  # correlations and shares share one axis
-                axis.plot(*zip(*points), marker="o", ms=3, label=name)
-        axis.set_title("evaluation")
-        axis.set_xlabel("step")
+        axis = axes[panels - 1]
+        for number, name in enumerate(metrics):
+            points = [(x_of(row), row[name]) for row in history.evals if _finite(row.get(name)) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", ms=3, label=name, color=f"C{number}")
+        axis.set_title("held-out evaluation (EMA weights)")
+        axis.set_xlabel("step (both stages)")
         axis.legend(fontsize=6)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()

@@ -1,10 +1,11 @@
 """The two-stage trainer of the MuseTalk model (issue 14), one loop read top to bottom in `train_stage`.
 
 Stage 1 (reconstruction): the pixel-MeanFlow loss on the U-Net's x-prediction (meanflow.py), plus, on
-the decoded pixels of the rows with t < 0.8 (pMF applies its perceptual loss only there: at larger t the
-x-prediction is a blur of many images), the image loss (MS-SSIM + gradient, or LPIPS with local VGG
-weights: image_losses.py) and an L1 on the mouth region. The Engram memory is frozen (its gate stays at
-zero, so the U-Net learns without it). References come from Informative Frame Sampling.
+the decoded pixels, the image loss (MS-SSIM + gradient, or LPIPS with local VGG weights: image_losses.py)
+of the rows with t < 0.8 (pMF applies its perceptual loss only there: at larger t the x-prediction is a
+blur of many images) and an L1 on the mouth region of every decoded row (at t = 1, the one-step
+generation of inference, the mouth can only come from the audio). The Engram memory is frozen (its gate
+stays at zero, so the U-Net learns without it). References come from Informative Frame Sampling.
 Stage 2 (refinement): from the stage-1 model, the Engram unfrozen, the frozen SyncNet's lip-sync loss
 added with a weight ramped linearly from 0, and Dynamic Margin Sampling of the mask; pMF kept.
 
@@ -50,7 +51,7 @@ class TrainOptions:
     equal_share: float = 0.5        # share of rows with r = t (MeanFlow: 0.75 on ImageNet)
     time_mean: float = -0.4         # logit-normal (t, r) sampler
     time_std: float = 1.0
-    one_step_share: float = 0.25    # rows drawn at (t, r) = (1, 0), the one-step generation the model serves
+    one_step_share: float = 0.5     # rows drawn at (t, r) = (1, 0): the one-step generation, all inference runs
     image_weight: float = 1.0       # MS-SSIM + gradient (or LPIPS) on decoded pixels, rows with t < image_t_max
     image_t_max: float = 0.8
     image_samples: int = 1          # samples per step decoded for the image, mouth and sync losses
@@ -124,26 +125,23 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
 
     out = pmf_loss(predict_x, batch["x"], eps, t, r)
     losses = {"pmf": out["loss"]}
-    # Decoding is the step's dearest part (the VAE decoder costs ~20x the tiny U-Net per frame): at most
-    # options.image_samples samples go through it, those with t < image_t_max first (pMF's perceptual range),
-    # then, for the sync loss only, any others.
+    # Decoding is the step's dearest part (at 128 px the VAE decoder costs more per frame than the tiny
+    # U-Net): the first options.image_samples samples of the (i.i.d.) batch are decoded. The image loss
+    # takes those with t < image_t_max (pMF's perceptual range); the mouth L1 and the sync loss take all
+    # of them: at t = 1, the one-step generation inference runs, the mouth can only come from the audio.
     near = t < options.image_t_max
-    use_sync = syncnet is not None and sync_weight > 0
-    order = torch.argsort((~near).to(torch.int8), stable=True)
-    chosen = order[:options.image_samples]
-    chosen = chosen if use_sync else chosen[near[chosen]]
+    chosen = torch.arange(min(options.image_samples, len(t)), device=t.device)
     if chosen.numel():
         pixels = decode(model.vae, model.latent_stats, out["x_pred"][chosen]).float()
         target = batch["pixels"][chosen]
         picked = near[chosen]
         # the image losses in float32: MS-SSIM's ratios of small local variances underflow in bf16 (-inf seen)
-        full = torch.autocast(pixels.device.type, enabled=False)
-        if picked.any():
-            with full:
+        with torch.autocast(pixels.device.type, enabled=False):
+            if picked.any():
                 losses["image"] = image_loss(pixels[picked], target[picked])
-                box = mouth_mask(batch["mouth_box"][chosen][picked], target.shape[-1]).to(pixels.device)
-                losses["mouth"] = ((pixels[picked] - target[picked]).abs() * box).sum() / (3 * box.sum()).clamp_min(1)
-        if use_sync:
+            box = mouth_mask(batch["mouth_box"][chosen], target.shape[-1]).to(pixels.device)
+            losses["mouth"] = ((pixels - target).abs() * box).sum() / (3 * box.sum()).clamp_min(1)
+        if syncnet is not None and sync_weight > 0:
             from .syncnet import lower_half, sync_loss
 
             losses["sync"] = sync_loss(syncnet, lower_half(pixels), batch["windows"][chosen])
@@ -219,7 +217,7 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
         total = sum(weights[name] * value.float() for name, value in losses.items())
         for name, value in [*losses.items(), ("total", total)]:
             if not torch.isfinite(value).all():
-                raise NonFiniteLossError(step + 1, name, float(value))
+                raise NonFiniteLossError(step + 1, name, value.detach().item())
 
         # --- backward, clip, step, EMA
         optimizer.zero_grad(set_to_none=True)
