@@ -91,8 +91,11 @@ def _attention_spec(kind, configs, match, config):
     else:
         constexprs.update(IS_CAUSAL=match["causal"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                           DOT_PRECISION="tf32" if match["dtype"] in ("bf16", "fp16") else "ieee")
-    if kind != "bwd_preprocess":  # the H100 path: tensor descriptors (TMA) for the tiles
-        constexprs["USE_TMA"] = True
+    if kind != "bwd_preprocess":  # the H100 path: tensor descriptors (TMA) for the tiles, an element-wise gate
+        constexprs.update(USE_TMA=True, GATE_TMA=True, HEAD_WISE_GATE=False)
+    constexprs["VARLEN"] = False  # every constexpr is given: one left out would compile as a run-time i32
+    if kind == "bwd":
+        constexprs["ATOMIC_DQ"] = True
     if kind == "fwd":
         constexprs["HAS_GATE"] = True
     blocks = " ".join(f"{k[6]}{v}" for k, v in config.items() if k.startswith("BLOCK_"))
@@ -134,9 +137,10 @@ def _engram_specs(quick):
 
 
 def kernel_specs(quick):
-    """Every search-space config of every kernel at bf16 D64/D128 (the first config of each with
-    --quick), then each kernel's heuristic config, fitted to the H100's shared memory, at every
-    dtype and head dim it accepts (what runs where no tuned table entry matches)."""
+    """Every search-space config of the attention kernels at bf16 D64/D128 (the first config of each
+    with --quick), labelled [space]: candidates of `make tune`, which skips at run time any config that
+    spills; then each kernel's heuristic config, fitted to the H100's shared memory, at every dtype and
+    head dim it accepts (what runs where no tuned table entry matches)."""
     import torch
     import triton.language as tl
 
@@ -149,12 +153,14 @@ def kernel_specs(quick):
         for is_causal in (False, True):
             match = {"dtype": "bf16", "D": head_dim, "causal": is_causal}
             for kind, configs in attention.items():
-                for config in configs.space[:1] if quick else configs.space:
-                    specs.append(_attention_spec(kind, configs, match, config))
+                for config in configs.space[:1] if quick else configs.space:  # what `make tune` may time
+                    label, *spec = _attention_spec(kind, configs, match, config)
+                    specs.append((label + " [space]", *spec))
             if quick:
                 break
     for dtype in ("bf16", "fp16", "fp32", "fp64"):
-        for head_dim in (128,) if quick else (16, 32, 64, 128, 256):  # D128: the most shared memory
+        quick_dims = (64, 128, 256) if dtype == "bf16" else (128,)  # D128: the bench shapes', the most shared memory
+        for head_dim in quick_dims if quick else (16, 32, 64, 128, 256):
             for is_causal in (False,) if quick else (False, True):
                 match = {"dtype": dtype, "D": head_dim, "causal": is_causal}
                 for kind, configs in attention.items():

@@ -204,7 +204,7 @@ def engram_hash(ids, multipliers, moduli, offsets, pad_id=0):
 
     def run(config):
         constexprs, options = split_options(config)
-        engram_hash_kernel[(triton.cdiv(positions, config["BLOCK_T"]), orders)](
+        return engram_hash_kernel[(triton.cdiv(positions, config["BLOCK_T"]), orders)](
             *args, BLOCK_H=max(triton.next_power_of_2(heads), 2), **constexprs, **options)
 
     HASH.launch(run, ids.device, dict(heads=max(triton.next_power_of_2(heads), 2)))
@@ -223,7 +223,7 @@ def engram_gather(table, rows):
     def run(config):
         constexprs, options = split_options(config)
         grid = (triton.cdiv(count, config["BLOCK_N"]), 1, triton.cdiv(width, config["BLOCK_E"]))
-        engram_gather_kernel[grid](table, flat, out, count, table.shape[0], table.stride(0), table.stride(1),
+        return engram_gather_kernel[grid](table, flat, out, count, table.shape[0], table.stride(0), table.stride(1),
                                    WIDTH=width, ALIGN=_row_alignment(table), **constexprs, **options)
 
     GATHER.launch(run, rows.device, _match(table, width))
@@ -244,7 +244,7 @@ def engram_lookup(ids, table, multipliers, moduli, offsets, pad_id=0):
     def run(config):
         constexprs, options = split_options(config)
         grid = (triton.cdiv(positions, config["BLOCK_N"]), groups, triton.cdiv(width, config["BLOCK_E"]))
-        engram_lookup_kernel[grid](ids.contiguous(), multipliers.contiguous(), moduli.contiguous(),
+        return engram_lookup_kernel[grid](ids.contiguous(), multipliers.contiguous(), moduli.contiguous(),
                                    offsets.contiguous(), table, out, positions, length, max_n, heads, pad_id,
                                    table.shape[0], table.stride(0), table.stride(1),
                                    WIDTH=width, ALIGN=_row_alignment(table), **constexprs, **options)
@@ -266,7 +266,7 @@ def engram_gather_backward(grad, rows, num_rows):
 
     def run(config):
         constexprs, options = split_options(config)
-        engram_gather_bwd_kernel[(count, triton.cdiv(width, config["BLOCK_E"]))](
+        return engram_gather_bwd_kernel[(count, triton.cdiv(width, config["BLOCK_E"]))](
             sorted_rows, order, flat_grad, out, count, num_rows, width, ACC=acc, **constexprs, **options)
 
     BWD.launch(run, grad.device, _match(grad, width))

@@ -13,7 +13,7 @@ pre-gate O is needed:
    heads and query blocks; dO = dY * s is formed as dY and the gate are loaded. Per block it computes
    S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - delta), dK += dS^T Q and,
    by default, dQ += dS K added with fp32 atomics into an fp32 buffer (5 matmuls per block; the
-   split dK/dV + dQ design needs 7). Causal key blocks run in ascending order, which is longest
+   split dK/dV + dQ design needs 7), computed as dQ^T = K^T dS^T so that the head dim is the wgmma's M. Causal key blocks run in ascending order, which is longest
    first (key block 0 is seen by every query).
 3. Deterministic mode (`deterministic=True`): the same kernel without the dQ matmul and atomics,
    then `gated_attention_bwd_dq_kernel` (one program per query block, a fixed summation order)
@@ -22,8 +22,10 @@ pre-gate O is needed:
 Data movement: where the layout allows (last dim contiguous, 16-byte aligned strides and base) the
 Q/K/V/dY tiles are loaded, and the O/dK/dV tiles stored, through tensor descriptors
 (tl.make_tensor_descriptor: TMA on Hopper), whose bounds checks are the hardware's; elsewhere
-(e.g. D * itemsize not a multiple of 16) through masked pointer loads. The gate is always read by
-pointers (a head-wise gate is a stride-0 expand). Loops are software-pipelined by tl.range with
+(e.g. D * itemsize not a multiple of 16) through masked pointer loads. The backward's Q, dY and gate
+sources cover the whole GQA group (3-D descriptors made once per program, not once per head). An
+element-wise gate is read like Q when it meets the same rules, else by pointers; a head-wise gate
+(one value per row) as a [BLOCK_M] column. Loops are software-pipelined by tl.range with
 the config's num_stages.
 
 Layouts: any strides (the [B, L, H, D].transpose(1, 2) view runs without a copy). Varlen: packed
@@ -85,13 +87,14 @@ def _fwd_config(match):
 
 
 def _bwd_config(match):
-    """The fused backward keeps a key block's K, V, dK, dV (fp32) resident: 128-key blocks (half the
-    dQ atomics of 64) against 32-row query blocks at D <= 64, 16-row ones at D128, 16 x 64 at D256
-    (128 keys of dK, dV at D256 alone fill the register file); 8 warps, one stage. From the sm_90
-    compile report, not yet measured: no spill at 16-bit D64 (198-201 registers) and D128 (249-253);
-    D256 216-248 B of stack (1.1 KB at 128-key blocks)."""
+    """The fused backward keeps a key block's K, V (shared memory) and dK, dV (fp32 registers)
+    resident: 128-key blocks (half the dQ atomics of 64) against 32-row query blocks at D <= 64,
+    16-row ones at D128, 16 x 32 at D256; 8 warps, one stage. From the sm_90 compile report, not yet
+    measured: no spill at 16-bit D64 (160-162 registers), D128 (220-226) and D256 (252). At D256
+    64-key blocks spilled 130-650 B in every variant tried (gate by descriptor or per row, dV and dK
+    in two passes, dQ by a separate kernel); `make tune` may still pick one where it does not spill."""
     if match["D"] > 128:
-        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
     if match["D"] <= 64:
         return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)
     return dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)
@@ -109,7 +112,7 @@ FWD = KernelConfigs(
 )
 BWD = KernelConfigs(  # the fused dK/dV(/dQ) kernel: K, V resident, Q, dY, gate pipelined
     "gated_attention_bwd",
-    space=_attention_space([(16, 128), (32, 128), (64, 128), (64, 64), (32, 64)], (4, 8), (1, 2)),
+    space=_attention_space([(16, 128), (32, 128), (64, 128), (64, 64), (32, 64), (16, 64), (16, 32)], (4, 8), (1, 2)),
     heuristic=_attention_heuristic(_bwd_config),
     smallest=_smallest,
     shared=lambda c, match: (2 * c["BLOCK_N"] + 3 * c["num_stages"] * c["BLOCK_M"]) * match["D"] * _element_bytes(match),
@@ -189,6 +192,47 @@ def _store_rows(source, start, n_rows, stride_row, value, dims, BLOCK_ROWS: tl.c
 
 
 @triton.jit
+def _heads_source(base, n_heads, n_rows, stride_h, stride_row, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """_rows_source over n_heads heads at once ([n_heads, n_rows, HEAD_DIM], head stride stride_h): one
+    tensor descriptor for a whole GQA group, made once per program rather than once per head."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_heads, n_rows, HEAD_DIM], strides=[stride_h, stride_row, 1],
+                                         block_shape=[1, BLOCK_ROWS, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _load_head_rows(source, head, start, n_rows, stride_h, stride_row, stride_d, dims, BLOCK_ROWS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + BLOCK_ROWS) of head `head` of a _heads_source, zero past its edges."""
+    if USE_TMA:
+        return source.load([tl.cast(head, tl.int32), start, 0]).reshape(BLOCK_ROWS, BLOCK_D)
+    else:
+        return _load_tile(source + tl.cast(head, tl.int64) * stride_h, start + tl.arange(0, BLOCK_ROWS), n_rows, stride_row,
+                          stride_d, dims, HEAD_DIM, BLOCK_D, True)
+
+
+@triton.jit
+def _gate_sigmoid(g_src, head, start, n_rows, stride_h, stride_row, stride_d, dims, ACC: tl.constexpr,
+                  BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_WISE_GATE: tl.constexpr, GATE_TMA: tl.constexpr):
+    """sigmoid(gate) of rows [start, start + BLOCK_ROWS) of head `head` of a _heads_source, in ACC: a
+    [BLOCK_ROWS, BLOCK_D] tile (by a tensor descriptor when GATE_TMA, else by pointers), or for a
+    head-wise gate (one value per row, expanded with dim stride 0) a [BLOCK_ROWS, 1] column: 1/D of the
+    loads and of the sigmoids."""
+    if HEAD_WISE_GATE:
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        gate = tl.load(g_src + tl.cast(head, tl.int64) * stride_h + rows * stride_row, mask=rows < n_rows, other=0.0)
+        return tl.sigmoid(gate.to(ACC))[:, None]
+    else:
+        gate = _load_head_rows(g_src, head, start, n_rows, stride_h, stride_row, stride_d, dims, BLOCK_ROWS, HEAD_DIM,
+                               BLOCK_D, GATE_TMA)
+        return tl.sigmoid(gate.to(ACC))
+
+
+@triton.jit
 def _sequence(Cu, b, dense_len, VARLEN: tl.constexpr):
     """(first row, length) of sequence b: rows Cu[b]:Cu[b + 1] of a packed tensor, else 0:dense_len."""
     if VARLEN:
@@ -263,7 +307,8 @@ def gated_attention_fwd_kernel(
     H, L, S, GROUP, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, HAS_GATE: tl.constexpr = True,
-    VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+    VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, HEAD_WISE_GATE: tl.constexpr = False,
+    GATE_TMA: tl.constexpr = False,
 ):
     """Grid (sequences * Hq, query blocks). Lse rows have unit stride; Out has unit dim stride."""
     pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
@@ -299,8 +344,9 @@ def gated_attention_fwd_kernel(
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if HAS_GATE:
-        gate = _load_tile(G + b * sg_b + h * sg_h + q_start * sg_l, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
-        out = out * tl.sigmoid(gate.to(ACC))
+        g_src = _heads_source(G + b * sg_b + q_start * sg_l, H, L, sg_h, sg_l, BLOCK_M, HEAD_DIM, BLOCK_D, GATE_TMA)
+        out = out * _gate_sigmoid(g_src, h, start_m, L, sg_h, sg_l, sg_d, dims, ACC, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                  HEAD_WISE_GATE, GATE_TMA)
     o_src = _rows_source(Out + b * so_b + h * so_h + q_start * so_l, L, so_l, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
     _store_rows(o_src, start_m, L, so_l, out.to(Out.dtype.element_ty), dims, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / LOG2E_, float("-inf"))
@@ -343,23 +389,29 @@ def gated_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_inner(dk, dv, k, v, keys, q_src, dy_src, g_base, lse_base, delta_base, dq_base,
-               sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, sa_l, dims, lo, hi, L, qk_scale, scale,
+def _bwd_inner(dk, dv, k, v, keys, head, q_src, dy_src, g_src, lse_base, delta_base, dq_base,
+               sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims, lo, hi, L, qk_scale, scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
-               ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr):
-    """One query head's query blocks [lo, hi) against the key block: dK, dV accumulate in registers;
-    with ATOMIC_DQ, dQ += scale * dS K goes to the fp32 buffer by atomic adds. Every block is masked
+               ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, HEAD_WISE_GATE: tl.constexpr,
+               GATE_TMA: tl.constexpr):
+    """Query head `head` of the group's sources: its query blocks [lo, hi) against the key block. dK and
+    dV accumulate in registers; with ATOMIC_DQ, dQ += scale * dS K goes to the fp32 buffer by atomic
+    adds. Every block is masked
     (ragged end, causal diagonal): one copy of the loop. Three copies specialised as the forward's
     (masked diagonal, unmasked middle, masked tail) kept registers alive across them and spilled at
     D128 in every tile of the search space (56-1072 B per thread, sm_90 report); one masked loop does
-    not spill at 16 x 128 tiles, 8 warps, and a mask costs a few operations per P element."""
+    not spill at 16 x 128 tiles, 8 warps, and a mask costs a few operations per P element.
+    dQ is computed transposed, dQ^T = K^T dS^T [BLOCK_D, BLOCK_M]: the wide head dim is the matmul's M,
+    so it runs on wgmma from shared memory; dS K with the 16-row query block as M fell back to mma.sync
+    with K reloaded from shared memory into registers every block (sm_90 TTGIR)."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_src, start_m, L, sq_l, sq_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, True, USE_TMA)
-        dy = _load_rows(dy_src, start_m, L, sdy_l, sdy_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, True, USE_TMA)
-        gate = _load_tile(g_base, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
-        d_out = (dy.to(ACC) * tl.sigmoid(gate.to(ACC))).to(q.dtype)  # dO = dY * s, fused into the load
+        q = _load_head_rows(q_src, head, start_m, L, sq_h, sq_l, sq_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+        dy = _load_head_rows(dy_src, head, start_m, L, sdy_h, sdy_l, sdy_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
+        s = _gate_sigmoid(g_src, head, start_m, L, sg_h, sg_l, sg_d, dims, ACC, BLOCK_M, HEAD_DIM, BLOCK_D,
+                          HEAD_WISE_GATE, GATE_TMA)
+        d_out = (dy.to(ACC) * s).to(q.dtype)  # dO = dY * s, fused into the load
         lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -373,9 +425,9 @@ def _bwd_inner(dk, dv, k, v, keys, q_src, dy_src, g_base, lse_base, delta_base, 
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # softmax backward: dS = P * (dP - rowsum(dO * O))
         dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
-            ptrs = dq_base + rows[:, None] * sa_l + dims[None, :]
-            tl.atomic_add(ptrs, dq, mask=(rows < L)[:, None] & (dims < HEAD_DIM)[None, :], sem="relaxed")
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION) * scale  # [BLOCK_D, BLOCK_M]
+            ptrs = dq_base + rows[None, :] * sa_l + dims[:, None]
+            tl.atomic_add(ptrs, dq_t, mask=(rows < L)[None, :] & (dims < HEAD_DIM)[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -394,6 +446,7 @@ def gated_attention_bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr = True, VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+    HEAD_WISE_GATE: tl.constexpr = False, GATE_TMA: tl.constexpr = False,
 ):
     """Grid (sequences * Hkv, key blocks). dV = sum P^T dO and dK = scale * sum dS^T Q over the
     group's query heads; dQacc (fp32, unit dim stride) += scale * dS K when ATOMIC_DQ."""
@@ -416,18 +469,23 @@ def gated_attention_bwd_kernel(
     lo = 0
     if IS_CAUSAL:  # queries before the key block's first key see none of it (top-left causal)
         lo = (start_n // BLOCK_M) * BLOCK_M
+    h0 = kv_h * GROUP  # the group's query heads h0 .. h0 + GROUP - 1: one descriptor each for Q, dY, gate
+    q_src = _heads_source(Q + b * sq_b + h0 * sq_h + q_start * sq_l, GROUP, L, sq_h, sq_l, BLOCK_M, HEAD_DIM,
+                          BLOCK_D, USE_TMA)
+    dy_src = _heads_source(dY + b * sdy_b + h0 * sdy_h + q_start * sdy_l, GROUP, L, sdy_h, sdy_l, BLOCK_M, HEAD_DIM,
+                           BLOCK_D, USE_TMA)
+    g_src = _heads_source(G + b * sg_b + h0 * sg_h + q_start * sg_l, GROUP, L, sg_h, sg_l, BLOCK_M, HEAD_DIM,
+                          BLOCK_D, GATE_TMA)
     for g in range(GROUP):
-        h = kv_h * GROUP + g
-        q_src = _rows_source(Q + b * sq_b + h * sq_h + q_start * sq_l, L, sq_l, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
-        dy_src = _rows_source(dY + b * sdy_b + h * sdy_h + q_start * sdy_l, L, sdy_l, BLOCK_M, HEAD_DIM, BLOCK_D,
-                              USE_TMA)
-        g_base = G + b * sg_b + h * sg_h + q_start * sg_l
+        h = h0 + g
         lse_base = Lse + b * sl_b + h * sl_h + q_start
         delta_base = Delta + b * sl_b + h * sl_h + q_start
         dq_base = dQacc + b * sa_b + h * sa_h + q_start * sa_l
-        dk, dv = _bwd_inner(dk, dv, k, v, keys, q_src, dy_src, g_base, lse_base, delta_base, dq_base,
-                            sq_l, sq_d, sdy_l, sdy_d, sg_l, sg_d, sa_l, dims, lo, L, L, qk_scale, scale,
-                            HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, ACC, ATOMIC_DQ, USE_TMA)
+        dk, dv = _bwd_inner(dk, dv, k, v, keys, g, q_src, dy_src, g_src, lse_base, delta_base, dq_base,
+                            sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims, lo, L, L,
+                            qk_scale, scale,
+                            HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, ACC, ATOMIC_DQ, USE_TMA,
+                            HEAD_WISE_GATE, GATE_TMA)
     dk_src = _rows_source(dK + b * sdk_b + kv_h * sdk_h + k_start * sdk_s, S, sdk_s, BLOCK_N, HEAD_DIM, BLOCK_D,
                           USE_TMA)
     dv_src = _rows_source(dV + b * sdk_b + kv_h * sdk_h + k_start * sdk_s, S, sdk_s, BLOCK_N, HEAD_DIM, BLOCK_D,
@@ -465,7 +523,8 @@ def gated_attention_bwd_dq_kernel(
     H, L, S, GROUP, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-    VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+    VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, HEAD_WISE_GATE: tl.constexpr = False,
+    GATE_TMA: tl.constexpr = False,
 ):
     """Deterministic mode: dQ = scale * sum dS K per query block, dS = P * (dO V^T - delta), the key
     blocks summed in a fixed order. Grid (sequences * Hq, query blocks), longest first when causal."""
@@ -488,8 +547,10 @@ def gated_attention_bwd_dq_kernel(
     dy_src = _rows_source(dY + b * sdy_b + h * sdy_h + q_start * sdy_l, L, sdy_l, BLOCK_M, HEAD_DIM, BLOCK_D, USE_TMA)
     q = _load_rows(q_src, start_m, L, sq_l, sq_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, True, USE_TMA)
     dy = _load_rows(dy_src, start_m, L, sdy_l, sdy_d, dims, BLOCK_M, HEAD_DIM, BLOCK_D, True, USE_TMA)
-    gate = _load_tile(G + b * sg_b + h * sg_h + q_start * sg_l, rows, L, sg_l, sg_d, dims, HEAD_DIM, BLOCK_D, True)
-    d_out = (dy.to(ACC) * tl.sigmoid(gate.to(ACC))).to(q.dtype)  # dO = dY * s
+    g_src = _heads_source(G + b * sg_b + q_start * sg_l, H, L, sg_h, sg_l, BLOCK_M, HEAD_DIM, BLOCK_D, GATE_TMA)
+    s = _gate_sigmoid(g_src, h, start_m, L, sg_h, sg_l, sg_d, dims, ACC, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_WISE_GATE,
+                      GATE_TMA)
+    d_out = (dy.to(ACC) * s).to(q.dtype)  # dO = dY * s
     lse = tl.load(Lse + b * sl_b + h * sl_h + q_start + rows, mask=rows < L, other=0.0) * LOG2E_
     delta = tl.load(Delta + b * sl_b + h * sl_h + q_start + rows, mask=rows < L, other=0.0)
     k_src = _rows_source(K + b * sk_b + kv_h * sk_h + k_start * sk_s, S, sk_s, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
@@ -583,6 +644,7 @@ def _problem(q, k, v, gate, is_causal, scale, varlen):
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
         scale=head_dim**-0.5 if scale is None else scale,
         gate=gate.expand(q.shape),  # head-wise gate: stride 0 along D
+        head_wise=gate.shape[-1] == 1 and head_dim != 1,
         stats_dtype=torch.float64 if exact else torch.float32,  # lse, delta and the dQ accumulator
         match=dict(dtype=DTYPE_NAMES[q.dtype], D=block_d, causal=bool(is_causal)),
         sizes=dict(L=q_len, S=kv_len),
@@ -592,6 +654,13 @@ def _problem(q, k, v, gate, is_causal, scale, varlen):
             ACC=tl.float64 if exact else tl.float32, VARLEN=packed,
         ),
     )
+
+
+def _gate_modes(a, use_tma):
+    """How the kernels read the gate: a head-wise gate as one value per row; a full one through a tensor
+    descriptor when it meets the rules too (a dtype-converted or strided gate by pointers)."""
+    head_wise = a["head_wise"]
+    return dict(HEAD_WISE_GATE=head_wise, GATE_TMA=use_tma and not head_wise and _descriptors_allowed(a["gate"]))
 
 
 def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
@@ -604,16 +673,17 @@ def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
         return out, lse.fill_(float("-inf"))
     g = a["gate"]
     use_tma = _descriptors_allowed(q, k, v, out)
+    gate_modes = _gate_modes(a, use_tma)
     _set_descriptor_allocator(q.device)
 
     def run(config):
         constexprs, options = split_options(config)
-        gated_attention_fwd_kernel[(a["batch"] * a["heads"], triton.cdiv(a["q_len"], config["BLOCK_M"]))](
+        return gated_attention_fwd_kernel[(a["batch"] * a["heads"], triton.cdiv(a["q_len"], config["BLOCK_M"]))](
             q, k, v, g, out, lse, a["cu_q"], a["cu_k"],
             *_rows_strides(q, packed), *_rows_strides(k, packed), *_rows_strides(v, packed), *_rows_strides(g, packed),
             *_rows_strides(out, packed)[:3], *_stats_strides(lse, packed),
             a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], a["scale"] * LOG2E,
-            **a["meta"], **constexprs, **options, HAS_GATE=has_gate, USE_TMA=use_tma,
+            **a["meta"], **constexprs, **options, HAS_GATE=has_gate, USE_TMA=use_tma, **gate_modes,
         )
 
     FWD.launch(run, q.device, a["match"], a["sizes"])
@@ -623,7 +693,7 @@ def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
 def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deterministic):
     a = _problem(q, k, v, gate, is_causal, scale, varlen)
     packed, batch, heads, kv_heads = a["packed"], a["batch"], a["heads"], a["kv_heads"]
-    head_wise = gate.shape[-1] == 1 and a["head_dim"] != 1
+    head_wise = a["head_wise"]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -639,7 +709,7 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
 
     def run_preprocess(config):
         constexprs, options = split_options(config)
-        gated_attention_bwd_preprocess_kernel[(batch * heads, triton.cdiv(a["q_len"], config["BLOCK_M"]))](
+        return gated_attention_bwd_preprocess_kernel[(batch * heads, triton.cdiv(a["q_len"], config["BLOCK_M"]))](
             grad_out, out, g, delta, dgate, a["cu_q"],
             *strides["dy"], *_rows_strides(out, packed), *strides["g"], *_rows_strides(dgate, packed)[:3],
             *strides["lse"], heads, a["q_len"],
@@ -654,6 +724,7 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
     dq_acc = dq if deterministic or q.dtype == a["stats_dtype"] else torch.empty(
         q.shape, dtype=a["stats_dtype"], device=q.device)
     use_tma = _descriptors_allowed(q, k, v, grad_out, dq, dk, dv)
+    gate_modes = _gate_modes(a, use_tma)
     _set_descriptor_allocator(q.device)
     common = (*strides["q"], *strides["k"], *strides["v"], *strides["g"], *strides["dy"], *strides["lse"])
     qk_scale = a["scale"] * LOG2E
@@ -662,19 +733,19 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
         constexprs, options = split_options(config)
         if not deterministic:  # zeroed per launch: the tuner may launch it many times
             dq_acc.zero_()
-        gated_attention_bwd_kernel[(batch * kv_heads, triton.cdiv(a["kv_len"], config["BLOCK_N"]))](
+        return gated_attention_bwd_kernel[(batch * kv_heads, triton.cdiv(a["kv_len"], config["BLOCK_N"]))](
             q, k, v, g, grad_out, lse, delta, dq_acc, dk, dv, a["cu_q"], a["cu_k"], *common,
             *_rows_strides(dq_acc, packed)[:3], *_rows_strides(dk, packed)[:3],
             heads, kv_heads, a["q_len"], a["kv_len"], heads // kv_heads, qk_scale, a["scale"],
-            **meta, **constexprs, **options, ATOMIC_DQ=not deterministic, USE_TMA=use_tma,
+            **meta, **constexprs, **options, ATOMIC_DQ=not deterministic, USE_TMA=use_tma, **gate_modes,
         )
 
     def run_dq(config):
         constexprs, options = split_options(config)
-        gated_attention_bwd_dq_kernel[(batch * heads, triton.cdiv(a["q_len"], config["BLOCK_M"]))](
+        return gated_attention_bwd_dq_kernel[(batch * heads, triton.cdiv(a["q_len"], config["BLOCK_M"]))](
             q, k, v, g, grad_out, lse, delta, dq, a["cu_q"], a["cu_k"], *common, *_rows_strides(dq, packed)[:3],
             heads, a["q_len"], a["kv_len"], heads // kv_heads, qk_scale, a["scale"],
-            **meta, **constexprs, **options, USE_TMA=use_tma,
+            **meta, **constexprs, **options, USE_TMA=use_tma, **gate_modes,
         )
 
     BWD.launch(run_bwd, q.device, a["match"], a["sizes"])

@@ -291,7 +291,7 @@ def lightning_indexer_forward(q, k, k_scale, weights, ks, ke):
         splits = min(key_tiles, max(1, triton.cdiv(_programs_to_fill(q.device), query_blocks)))
         tiles_per_program = triton.cdiv(key_tiles, splits)
         grid = (query_blocks, triton.cdiv(key_tiles, tiles_per_program))
-        lightning_indexer_fwd_kernel[grid](q, k, k_scale, weights, ks, ke, out, *sizes, tiles_per_program,
+        return lightning_indexer_fwd_kernel[grid](q, k, k_scale, weights, ks, ke, out, *sizes, tiles_per_program,
                                            HP=match["HP"], D=D, ACC=_acc(acc), DOT_PRECISION=_dot_precision(q.dtype),
                                            **constexprs, **options)
 
@@ -317,12 +317,12 @@ def lightning_indexer_backward(grad, q, k, k_scale, weights, ks, ke):
 
     def run_dq(config):
         constexprs, options = split_options(config)
-        lightning_indexer_bwd_dq_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
+        return lightning_indexer_bwd_dq_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
             grad, q, k, k_scale, weights, ks, ke, dq, dw, *sizes, **common, **constexprs, **options)
 
     def run_dk(config):
         constexprs, options = split_options(config)
-        lightning_indexer_bwd_dk_kernel[(triton.cdiv(S, config["BLOCK_S"]),)](
+        return lightning_indexer_bwd_dk_kernel[(triton.cdiv(S, config["BLOCK_S"]),)](
             grad, q, k, k_scale, weights, ks, ke, dk, dks, *sizes, **common, **constexprs, **options)
 
     BWD_DQ.launch(run_dq, q.device, match, dict(S=S))
@@ -344,8 +344,8 @@ def fp8_quantize(x, block=None, ue8m0=False):
     def run(config):
         constexprs, options = split_options(config)
         chunk = min(constexprs.pop("CHUNK"), max(triton.next_power_of_2(size), 16))
-        fp8_quantize_kernel[(triton.cdiv(blocks, config["BLOCK_R"]),)](x_c, out, scale, blocks, size, UE8M0=ue8m0,
-                                                                       CHUNK=chunk, **constexprs, **options)
+        return fp8_quantize_kernel[(triton.cdiv(blocks, config["BLOCK_R"]),)](
+            x_c, out, scale, blocks, size, UE8M0=ue8m0, CHUNK=chunk, **constexprs, **options)
 
     QUANTIZE.launch(run, x.device, dict(dtype=DTYPE_NAMES[x.dtype]), dict(size=size))
     return out, scale

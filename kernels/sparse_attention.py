@@ -375,7 +375,7 @@ def sparse_attention_forward(q, k, v, indices, sm_scale=None):
 
     def run(config):
         constexprs, options = split_options(config)
-        sparse_attention_fwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
+        return sparse_attention_fwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
             q, k, v, indices, out, lse, sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, *indices.stride(),
             indices.shape[2], k.shape[0], group, sm_scale * LOG2E, **meta, **{"KEYS_AS_M": False, **constexprs},
             **options,
@@ -413,7 +413,7 @@ def sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, sm
         if not deterministic:  # the atomics add into dk, dv
             dk.zero_()
             dv.zero_()
-        sparse_attention_bwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
+        return sparse_attention_bwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
             q, k, v, indices, grad_out, grad_lse, out, lse, dq, dk, dv, p_buf, ds_buf,
             sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, *indices.stride(), sdo_t, sdo_h,
             topk, num_keys, group, sm_scale * LOG2E, sm_scale, **meta, **constexprs, **options,
@@ -426,7 +426,7 @@ def sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, sm
 
         def run_dkdv(config):
             constexprs, options = split_options(config)
-            sparse_attention_bwd_dkdv_kernel[(num_keys, kv_heads)](
+            return sparse_attention_bwd_dkdv_kernel[(num_keys, kv_heads)](
                 q, grad_out, p_buf, ds_buf, order, offsets, dk, dv, sq_t, sq_h, sdo_t, sdo_h, topk, tokens, group,
                 QK_DIM=meta["QK_DIM"], V_DIM=meta["V_DIM"], BLOCK_H=min(meta["BLOCK_H"], 16),
                 BLOCK_DQK=max(triton.next_power_of_2(meta["QK_DIM"]), 16), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"],

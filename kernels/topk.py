@@ -238,7 +238,7 @@ def topk_indices(logits, k, ks=None, ke=None, sorted=False):
 
     def run(config):
         constexprs, options = split_options(config)
-        topk_indices_kernel[(num_rows,)](logits, dummy if ks is None else ks.contiguous(),
+        return topk_indices_kernel[(num_rows,)](logits, dummy if ks is None else ks.contiguous(),
                                          dummy if ke is None else ke.contiguous(), out, num_keys, k,
                                          logits.stride(0), HAS_KS=ks is not None, HAS_KE=ke is not None,
                                          IS_FP64=logits.dtype == torch.float64, KEY_BITS=_key_bits(logits.dtype),
@@ -271,7 +271,7 @@ def lightning_indexer_topk(q, k, k_scale, weights, ks, ke, topk):
         cap = triton.next_power_of_2(topk + config["BLOCK_S"])
         buf_val = torch.empty((T, 2, cap), dtype=acc, device=q.device)
         buf_idx = torch.empty((T, 2, cap), dtype=torch.int32, device=q.device)
-        lightning_indexer_topk_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
+        return lightning_indexer_topk_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
             q, k, k_scale, weights, ks, ke, buf_val, buf_idx, out, T, S, H, q.stride(0), q.stride(1), k.stride(0),
             weights.stride(0), topk, HP=match["HP"], D=D, CAP=cap, ACC=_acc(acc),
             DOT_PRECISION=_dot_precision(q.dtype), IS_FP64=acc == torch.float64, KEY_BITS=_key_bits(acc),

@@ -10,6 +10,8 @@ looks its key (dtype, head dim, ... and power-of-two size buckets) up in
 Nothing is timed unless MUSETALK_FAST_AUTOTUNE=1: then the first launch of each new key times every
 config of the search space once, keeps the fastest, and `python -m musetalk_fast.bench.tune`
 writes what was tuned into the GPU's table (as vLLM ships per-device configs for its MoE kernels).
+A config whose compiled kernel uses local memory (register spills: the driver's n_spills) is never
+timed nor shipped; the launch closures return the compiled kernel so the tuner can see it.
 A config the GPU cannot run (too much shared memory) falls back to the kernel's smallest config.
 """
 import json
@@ -152,9 +154,13 @@ class KernelConfigs:
         import triton.testing
 
         space = self.space(match) if callable(self.space) else self.space
-        timings = []
+        timings, spilling = [], 0
         for config in space:
             try:
+                launched = run(config)  # run returns the compiled kernel (or the op's result, for a few)
+                if getattr(launched, "n_spills", 0):  # local memory (register spills, stack): never shipped
+                    spilling += 1
+                    continue
                 ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=25)
             except Exception as error:  # a config this GPU cannot run (shared memory, registers)
                 if type(error).__name__ not in ("OutOfResources", "CompilationError"):
@@ -165,7 +171,7 @@ class KernelConfigs:
             return self.smallest(match)
         ms, config = min(timings, key=lambda t: t[0])
         table.add(self.name, {"match": match, "sizes": sizes, "config": config, "ms": round(ms, 5),
-                              "from": f"tuned over {len(space)} configs"})
+                              "from": f"tuned over {len(space)} configs ({spilling} skipped: they spill)"})
         return config
 
 

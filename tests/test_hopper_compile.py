@@ -31,15 +31,13 @@ def test_kernels_compile_for_sm90():
             assert fields[-4] == "0", f"stack spill: {line}"
         if line.startswith("lightning_indexer") and fields[2] in ("fp8", "bf16", "fp16"):  # the fast paths
             assert fields[-4] == "0", f"stack spill: {line}"
-    # The fused attention backward's heuristic tiles at 16-bit D128 (the bench shapes' head dim) keep
-    # K, V, dK, dV and the loop's tiles in registers: no stack frame.
-    from musetalk_fast.kernels.gated_attention import _bwd_config
-    for dtype, head_dim in (("bf16", 128), ("fp16", 128)):
-        config = _bwd_config({"dtype": dtype, "D": head_dim})
-        tiles = f"M{config['BLOCK_M']} N{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}"
-        heuristic = [line for line in lines if line.startswith(f"gated_attention bwd {dtype} D{head_dim} ")
-                     and tiles in line]
-        assert heuristic and all(line.split()[-4] == "0" for line in heuristic), (tiles, heuristic)
+    # Gated attention's 16-bit heuristic configs (forward, fused backward, deterministic dQ, the
+    # preprocess; bf16 at D64, D128 and D256, fp16 at D128; dense and varlen) keep every tile in
+    # registers or shared memory: no stack frame. The fused backward at D256 is the tightest (252).
+    half = [line for line in lines if line.startswith("gated_attention") and line.split()[2] in ("bf16", "fp16")
+            and "[space]" not in line]  # search-space candidates: `make tune` skips those that spill
+    assert {line.split()[3] for line in half} >= {"D64", "D128", "D256"}, half
+    assert all(line.split()[-4] == "0" for line in half), [line for line in half if line.split()[-4] != "0"]
     assert {line.split()[1] + " " + line.split()[2] for line in lines if line.startswith("mhc")} >= {
         "pre fwd", "post fwd", "post bwd", "pre bwd"}
     # The lightning indexer's fp8 x fp8 tl.dot (and the fused top-k's) runs on wgmma too.

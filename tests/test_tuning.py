@@ -117,11 +117,43 @@ def test_tuning_times_the_space_keeps_the_fastest_and_writes_the_table(tmp_path,
                                    smallest=lambda m: dict(BLOCK_M=16, num_warps=4))
     configs.launch(lambda config: timed.append(config["BLOCK_M"]), torch.device("cuda", 0), dict(dtype="bf16"),
                    dict(L=1000))
-    assert timed == [32, 64, 128, 64]  # each config timed, then the fastest launched
+    assert timed == [32, 32, 64, 64, 128, 128, 64]  # each config compiled (its spills read) and timed, then the fastest
     (path,) = tuning.write_tuned_tables()
     assert path == tmp_path / "Test_GPU.json"
     (entry,) = json.loads(path.read_text())["kernels"]["test_kernel"]
     assert entry["config"] == dict(BLOCK_M=64, num_warps=4) and entry["sizes"] == dict(L=1024) and entry["ms"] == 1.0
+
+
+def test_tuning_never_times_nor_ships_a_config_that_spills(tmp_path, monkeypatch):
+    """A config whose compiled kernel reports local memory (Triton's n_spills) is skipped, even if it
+    would be the fastest; the table entry says how many were."""
+    import types
+
+    import triton.testing
+
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tuning, "_tables", {})
+    monkeypatch.setattr(tuning, "gpu_name", lambda device=None: "Test_GPU")
+    speed = {32: 3.0, 64: 1.0, 128: 2.0}  # ms per BLOCK_M; the fastest, 64, spills
+    timed = []
+
+    def fake_do_bench(fn, **kwargs):
+        fn()
+        return speed[timed[-1]]
+
+    def run(config):
+        timed.append(config["BLOCK_M"])
+        return types.SimpleNamespace(n_spills=12 if config["BLOCK_M"] == 64 else 0)  # a CompiledKernel stand-in
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    configs = tuning.KernelConfigs("test_kernel", space=[dict(BLOCK_M=m, num_warps=4) for m in speed],
+                                   heuristic=lambda m: dict(BLOCK_M=128, num_warps=4),
+                                   smallest=lambda m: dict(BLOCK_M=16, num_warps=4))
+    configs.launch(run, torch.device("cuda", 0), dict(dtype="bf16"), dict(L=1000))
+    assert timed == [32, 32, 64, 128, 128, 128]  # 64 compiled once, never timed; 128 (the fastest left) launched
+    ((kernel, entry),) = tuning.tuned_entries()
+    assert kernel == "test_kernel" and entry["config"] == dict(BLOCK_M=128, num_warps=4) and "1 skipped" in entry["from"]
 
 
 def test_sinkhorn_search_space_scales_with_n():
