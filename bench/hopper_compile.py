@@ -31,6 +31,8 @@ def compile_sm90(jit_fn, pointer_types, constexprs, num_warps, num_stages, divis
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # a constexpr left out takes the kernel's default (else it would compile as a run-time i32)
+    constexprs = {**{p.name: p.default for p in jit_fn.params if p.is_constexpr and p.has_default}, **constexprs}
     signature = {}
     for name in jit_fn.arg_names:
         if name in constexprs:
@@ -93,9 +95,6 @@ def _attention_spec(kind, configs, match, config):
                           DOT_PRECISION="tf32" if match["dtype"] in ("bf16", "fp16") else "ieee")
     if kind != "bwd_preprocess":  # the H100 path: tensor descriptors (TMA) for the tiles, an element-wise gate
         constexprs.update(USE_TMA=True, GATE_TMA=True, HEAD_WISE_GATE=False)
-    constexprs["VARLEN"] = False  # every constexpr is given: one left out would compile as a run-time i32
-    if kind == "bwd":
-        constexprs["ATOMIC_DQ"] = True
     if kind == "fwd":
         constexprs["HAS_GATE"] = True
     blocks = " ".join(f"{k[6]}{v}" for k, v in config.items() if k.startswith("BLOCK_"))
@@ -121,19 +120,25 @@ def _engram_specs(quick):
         pointers = {**ids, **data, "pad_id": "i64"}
         for name, configs, kernel in (("gather", en.GATHER, en.engram_gather_kernel),
                                       ("lookup", en.LOOKUP, en.engram_lookup_kernel)):
-            for config in [configs.heuristic_config(match)] + ([] if quick else configs.space(match)):
+            for config, tag in _heuristic_then_space(configs.heuristic_config(match), configs.space(match), quick):
                 constexprs = {"BLOCK_N": config["BLOCK_N"], "BLOCK_E": config["BLOCK_E"], "col_stride": 1, "WIDTH": 80,
                               "ALIGN": 16 // {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype]}
                 specs.append((f"engram {name} {dtype} E80 N{config['BLOCK_N']} E{config['BLOCK_E']} "
-                              f"w{config['num_warps']}", kernel, pointers, constexprs, config["num_warps"], 1))
-        for config in [en.BWD.heuristic_config(match)] + ([] if quick else en.BWD.space(match)):
+                              f"w{config['num_warps']}{tag}", kernel, pointers, constexprs, config["num_warps"], 1))
+        for config, tag in _heuristic_then_space(en.BWD.heuristic_config(match), en.BWD.space(match), quick):
             constexprs = {"ACC": tl.float64 if dtype == "fp64" else tl.float32, "BLOCK_E": config["BLOCK_E"]}
-            specs.append((f"engram bwd {dtype} E80 E{config['BLOCK_E']} w{config['num_warps']}",
+            specs.append((f"engram bwd {dtype} E80 E{config['BLOCK_E']} w{config['num_warps']}{tag}",
                           en.engram_gather_bwd_kernel, pointers, constexprs, config["num_warps"], 1))
-    for config in [en.HASH.heuristic_config({"heads": 8})] + ([] if quick else en.HASH.space):
-        specs.append((f"engram hash Hh8 T{config['BLOCK_T']} w{config['num_warps']}", en.engram_hash_kernel,
+    for config, tag in _heuristic_then_space(en.HASH.heuristic_config({"heads": 8}), en.HASH.space, quick):
+        specs.append((f"engram hash Hh8 T{config['BLOCK_T']} w{config['num_warps']}{tag}", en.engram_hash_kernel,
                       {**ids, "pad_id": "i64"}, {"BLOCK_T": config["BLOCK_T"], "BLOCK_H": 8}, config["num_warps"], 1))
     return specs
+
+
+def _heuristic_then_space(heuristic, space, quick):
+    """(config, label tag): the heuristic config, then (unless quick) every search-space config, tagged
+    [space] (candidates of `make tune`, which skips at run time any config that spills)."""
+    return [(heuristic, "")] + ([] if quick else [(config, " [space]") for config in space])
 
 
 def kernel_specs(quick):
