@@ -26,7 +26,9 @@ Q/K/V/dY tiles are loaded, and the O/dK/dV tiles stored, through tensor descript
 sources cover the whole GQA group (3-D descriptors made once per program, not once per head). An
 element-wise gate is read like Q when it meets the same rules, else by pointers; a head-wise gate
 (one value per row) as a [BLOCK_M] column. Loops are software-pipelined by tl.range with
-the config's num_stages.
+the config's num_stages. Warp specialization is not used: Triton 3.6 compiles the forward loop with
+tl.range(..., warp_specialize=True) for sm_90 to the same code (no partitions, no setmaxnreg, at 4 or
+8 warps); its automatic partitioning targets Blackwell.
 
 Layouts: any strides (the [B, L, H, D].transpose(1, 2) view runs without a copy). Varlen: packed
 [T, H, D] tensors, sequence b at rows cu_seqlens[b]:cu_seqlens[b + 1], each tensor addressed as
