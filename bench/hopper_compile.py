@@ -170,6 +170,12 @@ def kernel_specs(quick):
                 match = {"dtype": dtype, "D": head_dim, "causal": is_causal}
                 for kind, configs in attention.items():
                     specs.append(_attention_spec(kind, configs, match, configs.heuristic_config(match, H100_SHARED_BYTES)))
+                    if dtype == "bf16" and kind != "bwd_preprocess":  # the pointer path: its own heuristic
+                        pointers = dict(match, tma=False)
+                        label, *spec = _attention_spec(kind, configs, pointers,
+                                                       configs.heuristic_config(pointers, H100_SHARED_BYTES))
+                        spec[2] = {**spec[2], "USE_TMA": False, "GATE_TMA": False}
+                        specs.append((label + " ptr", *spec))
     for kind, configs in attention.items():  # varlen (packed sequences): the same kernels, VARLEN on
         match = {"dtype": "bf16", "D": 128, "causal": True}
         label, *spec = _attention_spec(kind, configs, match, configs.heuristic_config(match, H100_SHARED_BYTES))

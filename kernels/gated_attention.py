@@ -75,31 +75,51 @@ def _smallest(match):
     return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 
 
+def _tiles(config):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> a config dict."""
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), config))
+
+
+# The heuristics are keyed on (D, causal) and on match["tma"]: whether every tile goes through a tensor
+# descriptor (Hopper, aligned layouts; the gate too, or head-wise). The pointer path (pre-Hopper GPUs,
+# misaligned views) holds a 64-bit address per element of each tile it loads and needs smaller tiles:
+# the descriptor configs spilled 120-1700 B there (sm_90 report). All from the compile report, not
+# yet measured: no stack frame at bf16/fp16 D64, D128, D256, either path (the one exception below).
+
 def _fwd_config(match):
-    """Per (D, causal), chosen from the sm_90 compile report (registers, no spills) and the old
-    kernel's H100 winner at D128 full (128x128, 8 warps, 3 stages); not yet measured for this kernel.
-    Causal takes 128-row query blocks too (the old 64x64 pick halved the work per K/V tile load)."""
+    """Descriptors: the old kernel's H100 winner at D128 full (128x128, 8 warps, 3 stages); causal
+    takes 128-row query blocks too (the old 64x64 pick halved the work per K/V tile load); D256 64x64
+    (128-row blocks take all 255 registers)."""
+    if not match.get("tma", True):
+        return _tiles((128, 64, 8, 3) if match["D"] <= 64 else (128, 32, 8, 3) if match["D"] <= 128 else (64, 16, 8, 2))
     if match["D"] <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if match["D"] > 128:  # D256: 128-row blocks take all 255 registers
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    if match["causal"]:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+        return _tiles((128, 64, 4, 3))
+    if match["D"] > 128:
+        return _tiles((64, 64, 8, 2))
+    return _tiles((128, 64, 8, 3) if match["causal"] else (128, 128, 8, 3))
 
 
 def _bwd_config(match):
     """The fused backward keeps a key block's K, V (shared memory) and dK, dV (fp32 registers)
-    resident: 128-key blocks (half the dQ atomics of 64) against 32-row query blocks at D <= 64,
-    16-row ones at D128, 16 x 32 at D256; 8 warps, one stage. From the sm_90 compile report, not yet
-    measured: no spill at 16-bit D64 (160-162 registers), D128 (220-226) and D256 (252). At D256
-    64-key blocks spilled 130-650 B in every variant tried (gate by descriptor or per row, dV and dK
-    in two passes, dQ by a separate kernel); `make tune` may still pick one where it does not spill."""
-    if match["D"] > 128:
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
+    resident: 128-key blocks (half the dQ atomics of 64) against 32-row query blocks at D <= 64 (two
+    stages: the next query block's tiles load during this one's matmuls), 16-row ones at D128, 16 x 32
+    at D256; 8 warps. Registers (descriptors): D64 193-216, D128 220-230, D256 194-252. D128 with
+    32-row blocks, or pipelined, spilled 8-104 B; D256 with 64-key blocks 130-650 B in every variant
+    tried (gate by descriptor or per row, dV and dK in two passes, dQ by a separate kernel). The pointer
+    path at D256 keeps a 40-64 B stack frame even at 16 x 16 tiles: its only spilling config."""
     if match["D"] <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)
-    return dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)
+        return _tiles((32, 128, 8, 2))
+    if not match.get("tma", True):
+        return _tiles((16, 32, 8, 1) if match["D"] <= 128 else (16, 16, 8, 1))
+    return _tiles((16, 128, 8, 1) if match["D"] <= 128 else (16, 32, 8, 1))
+
+
+def _dq_config(match):
+    """Deterministic mode's dQ kernel: 128 x 64, 8 warps, 3 stages (shrunk to the shared memory at
+    D256); the pointer path 32 x 64 at D128, 32 x 32 at D256."""
+    if not match.get("tma", True) and match["D"] > 64:
+        return _tiles((32, 64, 8, 2) if match["D"] <= 128 else (32, 32, 8, 2))
+    return _tiles((128, 64, 8, 3))
 
 
 # Search spaces the tuner times (bench/tune.py), heuristics for keys no table has, and shared-memory
@@ -122,7 +142,7 @@ BWD = KernelConfigs(  # the fused dK/dV(/dQ) kernel: K, V resident, Q, dY, gate 
 DQ = KernelConfigs(  # deterministic mode's dQ kernel
     "gated_attention_bwd_dq",
     space=_attention_space([(128, 32), (128, 64), (64, 64), (64, 32)], (4, 8), (2, 3)),
-    heuristic=_attention_heuristic(lambda match: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+    heuristic=_attention_heuristic(_dq_config),
     smallest=_smallest,
     shared=lambda c, match: (3 * c["BLOCK_M"] + 2 * c["num_stages"] * c["BLOCK_N"]) * match["D"] * _element_bytes(match),
 )
@@ -665,6 +685,11 @@ def _gate_modes(a, use_tma):
     return dict(HEAD_WISE_GATE=head_wise, GATE_TMA=use_tma and not head_wise and _descriptors_allowed(a["gate"]))
 
 
+def _all_descriptors(use_tma, gate_modes):
+    """Whether every tile goes through a tensor descriptor (the heuristics' `tma` key)."""
+    return bool(use_tma and (gate_modes["HEAD_WISE_GATE"] or gate_modes["GATE_TMA"]))
+
+
 def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
     a = _problem(q, k, v, gate, is_causal, scale, varlen)
     packed = a["packed"]
@@ -676,6 +701,7 @@ def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
     g = a["gate"]
     use_tma = _descriptors_allowed(q, k, v, out)
     gate_modes = _gate_modes(a, use_tma)
+    match = dict(a["match"], tma=_all_descriptors(use_tma, gate_modes))
     _set_descriptor_allocator(q.device)
 
     def run(config):
@@ -688,7 +714,7 @@ def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
             **a["meta"], **constexprs, **options, HAS_GATE=has_gate, USE_TMA=use_tma, **gate_modes,
         )
 
-    FWD.launch(run, q.device, a["match"], a["sizes"])
+    FWD.launch(run, q.device, match, a["sizes"])
     return out, lse
 
 
@@ -727,6 +753,7 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
         q.shape, dtype=a["stats_dtype"], device=q.device)
     use_tma = _descriptors_allowed(q, k, v, grad_out, dq, dk, dv)
     gate_modes = _gate_modes(a, use_tma)
+    match = dict(a["match"], tma=_all_descriptors(use_tma, gate_modes))
     _set_descriptor_allocator(q.device)
     common = (*strides["q"], *strides["k"], *strides["v"], *strides["g"], *strides["dy"], *strides["lse"])
     qk_scale = a["scale"] * LOG2E
@@ -750,9 +777,9 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
             **meta, **constexprs, **options, USE_TMA=use_tma, **gate_modes,
         )
 
-    BWD.launch(run_bwd, q.device, a["match"], a["sizes"])
+    BWD.launch(run_bwd, q.device, match, a["sizes"])
     if deterministic:
-        DQ.launch(run_dq, q.device, a["match"], a["sizes"])
+        DQ.launch(run_dq, q.device, match, a["sizes"])
     elif dq_acc is not dq:
         dq.copy_(dq_acc)  # the cast pass (the scale is applied before the atomic adds)
     return dq, dk, dv, dgate
