@@ -51,10 +51,10 @@ class TrainOptions:
     bf16: bool = True               # autocast to bfloat16 (CPU and GPU)
     grad_checkpointing: bool = True
     fp8: bool = False               # Transformer Engine fp8 linears when importable
-    equal_share: float = 0.5        # share of rows with r = t (MeanFlow: 0.75 on ImageNet)
+    equal_share: float = 0.9        # share of rows with r = t (MeanFlow: 0.75 on ImageNet; docs/train.md: why 0.9)
     time_mean: float = -0.4         # logit-normal (t, r) sampler
     time_std: float = 1.0
-    one_step_share: float = 0.5     # rows drawn at (t, r) = (1, 0): the one-step generation, all inference runs
+    one_step_share: float = 0.1     # rows drawn at (t, r) = (1, 0): the one-step generation, all inference runs
     image_weight: float = 1.0       # MS-SSIM + gradient (or LPIPS) on decoded pixels: rows with t < image_t_max
     image_t_max: float = 0.8        # and the one-step rows (see compute_losses)
     image_samples: int = 2          # samples per step decoded for the image, L1, mouth and sync losses
