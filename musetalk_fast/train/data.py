@@ -36,7 +36,7 @@ def encode_clips(model, clips, margins=(0,), batch=32, clean=True):
     model's VAE (the frame, and the frame masked with each margin), audio to log-mel windows. The codebook
     must be fitted (fit_codebook). Returns (clips, label-cleaning counts summed over them)."""
     from ..model.audio import audio_features, frame_windows
-    from ..model.vae import encode, mask_lower_half, to_model_images
+    from ..model.vae import mask_lower_half, to_model_images
 
     config = model.config
     totals = {"speech_closed": 0, "silent_open": 0, "kept": 0, "frames": 0}
@@ -49,13 +49,8 @@ def encode_clips(model, clips, margins=(0,), batch=32, clean=True):
         if clip.frames.shape[1] != config.image_size:
             raise ValueError(f"clip frames must be {config.image_size} px (read_folder(root, config.image_size))")
         images = to_model_images(clip.frames)
-        latents = torch.cat([encode(model.vae, model.latent_stats, images[i:i + batch])
-                             for i in range(0, count, batch)])
-        masked = {}
-        for margin in margins:
-            hidden = mask_lower_half(images, margin)
-            masked[margin] = torch.cat([encode(model.vae, model.latent_stats, hidden[i:i + batch])
-                                        for i in range(0, count, batch)])
+        latents = _encode(model, images, batch)
+        masked = {margin: _encode(model, mask_lower_half(images, margin), batch) for margin in margins}
         windows = frame_windows(audio_features(clip.audio, config.audio), count, config.audio).float()
         mouth_open = clip.truth["mouth"][:, 0]
         if clean:
@@ -72,6 +67,32 @@ def encode_clips(model, clips, margins=(0,), batch=32, clean=True):
         out.append(TrainClip(clip.identity, clip.name, clip.frames, latents.float(), masked, windows, codes,
                              np.asarray(clip.truth["mouth_box"], np.float32), keep, candidates))
     return out, totals
+
+
+def _encode(model, images, batch):
+    """Latents of images [N, 3, S, S] in eval mode: a freshly loaded model is in train mode, whose encoder
+    differs in the last bits, and stage 2 must encode what stage 1 did (exact resume)."""
+    from ..model.vae import encode
+
+    model.vae.eval()
+    return torch.cat([encode(model.vae, model.latent_stats, images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def add_margins(model, clips, margins, batch=32):
+    """TrainClips (encode_clips) with the masked latents of every margin in `margins` (Dynamic Margin
+    Sampling), encoding only those missing: stage 2 reuses stage 1's encoding when the VAE is the same."""
+    from dataclasses import replace
+
+    from ..model.vae import mask_lower_half, to_model_images
+
+    out = []
+    for clip in clips:
+        missing = [m for m in margins if m not in clip.masked]
+        images = to_model_images(clip.frames) if missing else None
+        masked = {**clip.masked, **{m: _encode(model, mask_lower_half(images, m), batch) for m in missing}}
+        out.append(replace(clip, masked={m: masked[m] for m in sorted(set(margins) | set(clip.masked))}))
+    return out
 
 
 @torch.no_grad()

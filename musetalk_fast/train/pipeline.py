@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint
 from .report import History, write_report
 from .trainer import TrainOptions, train_stage
 
-DEFAULT_STEPS = {"tiny": {1: 300, 2: 100}, "default": {1: 20000, 2: 5000}}
+DEFAULT_STEPS = {"tiny": {1: 250, 2: 100}, "default": {1: 20000, 2: 5000}}
 VAE_STEPS = {"tiny": 300, "default": 20000}
 SYNCNET_STEPS = {"tiny": 200, "default": 5000}
 
@@ -126,7 +126,7 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
     """The train command (module docstring). Returns the History of the run (also RUN/report.json/.png)."""
     import torch
 
-    from .data import encode_clips
+    from .data import add_margins, encode_clips
 
     options = options or TrainOptions()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -136,6 +136,7 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
     train_clips, eval_clips = read_data(data, config, options.eval_clips)
     history = History()
     started = time.perf_counter()
+    encoded = None  # (TrainClips, label-cleaning counts) of the last stage
     for stage in stages:
         stage_steps = steps or DEFAULT_STEPS.get(name, DEFAULT_STEPS["tiny"])[stage]
         torch.manual_seed(options.seed)  # the random init: the same run twice is the same run
@@ -155,7 +156,12 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
             if not history.steps and stage1.is_file():  # the report shows both stages' curves
                 history.load_state_dict(load_checkpoint(stage1)["extra"]["history"])
         tick = time.perf_counter()
-        clips, counts = encode_clips(model, train_clips, margins=options.margins if stage == 2 else (0,))
+        if stage == 2 and encoded is not None and not init:  # stage 1's latents, same VAE: add the margins
+            clips = add_margins(model, encoded[0], options.margins)
+            counts = encoded[1]
+        else:
+            clips, counts = encode_clips(model, train_clips, margins=options.margins if stage == 2 else (0,))
+        encoded = (clips, counts)
         history.info[f"stage{stage}_label_cleaning"] = counts
         history.info[f"stage{stage}_encode_seconds"] = time.perf_counter() - tick
         print(f"stage {stage}: {len(clips)} training clips, label cleaning dropped "

@@ -3,8 +3,10 @@
 Stage 1 (reconstruction): the pixel-MeanFlow loss on the U-Net's x-prediction (meanflow.py), plus, on
 the decoded pixels, the image loss (MS-SSIM + gradient, or LPIPS with local VGG weights: image_losses.py)
 of the rows with t < 0.8 (pMF applies its perceptual loss only there: at larger t the x-prediction is a
-blur of many images) and an L1 on the mouth region of every decoded row (at t = 1, the one-step
-generation of inference, the mouth can only come from the audio). The Engram memory is frozen (its gate
+blur of many images) and of the one-step rows (t, r) = (1, 0) (inpainting's condition makes that image
+no blur, and pMF alone teaches it only through consistency: compute_losses), an L1 on the whole decoded
+image and an L1 on its mouth region (at t = 1, the one-step generation of inference, the mouth can only
+come from the audio). The Engram memory is frozen (its gate
 stays at zero, so the U-Net learns without it). References come from Informative Frame Sampling.
 Stage 2 (refinement): from the stage-1 model, the Engram unfrozen, the frozen SyncNet's lip-sync loss
 added with a weight ramped linearly from 0, and Dynamic Margin Sampling of the mask; pMF kept.
@@ -39,7 +41,8 @@ from .report import History, write_report
 class TrainOptions:
     """Hyperparameters (defaults sized for the tiny config on a CPU)."""
     batch: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-3                # stage 1's peak learning rate
+    stage2_lr: float = 3e-4         # stage 2's: it fine-tunes stage 1's EMA weights (1e-3 undid them)
     betas: tuple = (0.9, 0.99)
     weight_decay: float = 0.01
     warmup: int = 20                # steps of linear learning-rate warm-up
@@ -48,14 +51,15 @@ class TrainOptions:
     bf16: bool = True               # autocast to bfloat16 (CPU and GPU)
     grad_checkpointing: bool = True
     fp8: bool = False               # Transformer Engine fp8 linears when importable
-    equal_share: float = 0.5        # share of rows with r = t (MeanFlow: 0.75 on ImageNet)
+    equal_share: float = 0.9        # share of rows with r = t (MeanFlow: 0.75 on ImageNet; docs/train.md: why 0.9)
     time_mean: float = -0.4         # logit-normal (t, r) sampler
     time_std: float = 1.0
-    one_step_share: float = 0.5     # rows drawn at (t, r) = (1, 0): the one-step generation, all inference runs
-    image_weight: float = 1.0       # MS-SSIM + gradient (or LPIPS) on decoded pixels, rows with t < image_t_max
-    image_t_max: float = 0.8
-    image_samples: int = 1          # samples per step decoded for the image, mouth and sync losses
-    mouth_weight: float = 1.0       # L1 on the mouth box of the decoded pixels
+    one_step_share: float = 0.1     # rows drawn at (t, r) = (1, 0): the one-step generation, all inference runs
+    image_weight: float = 1.0       # MS-SSIM + gradient (or LPIPS) on decoded pixels: rows with t < image_t_max
+    image_t_max: float = 0.8        # and the one-step rows (see compute_losses)
+    image_samples: int = 2          # samples per step decoded for the image, L1, mouth and sync losses
+    mouth_weight: float = 4.0       # L1 on the mouth box of the decoded pixels
+    l1_weight: float = 1.0          # L1 on the whole decoded image (MuseTalk 1.5's reconstruction term)
     sync_weight: float = 0.1        # stage 2: the SyncNet loss, ramped from 0 over sync_ramp of the steps
     sync_ramp: float = 0.5
     indexer_weight: float = 0.01    # the temporal attention's indexer KL loss (DSA), when the U-Net reports one
@@ -126,11 +130,16 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     out = pmf_loss(predict_x, batch["x"], eps, t, r)
     losses = {"pmf": out["loss"]}
     # Decoding is the step's dearest part (at 128 px the VAE decoder costs more per frame than the tiny
-    # U-Net): the first options.image_samples samples of the (i.i.d.) batch are decoded. The image loss
-    # takes those with t < image_t_max (pMF's perceptual range); the mouth L1 and the sync loss take all
-    # of them: at t = 1, the one-step generation inference runs, the mouth can only come from the audio.
-    near = t < options.image_t_max
-    chosen = torch.arange(min(options.image_samples, len(t)), device=t.device)
+    # U-Net): options.image_samples samples of the (i.i.d.) batch are decoded, the one-step rows (t, r) =
+    # (1, 0) first. The image loss takes those with t < image_t_max (pMF's perceptual range, where x_pred is
+    # an image, not a blur of many) and the one-step rows; the L1s and the sync loss take all of them.
+    # The one-step rows need it: there V - v = x - x_pred + sg(x_pred - x - dx/dt) (= -dx/dt), whose gradient
+    # in x_pred is 2 sg(dx/dt): pMF only asks x_pred to stop moving in t at t = 1, and what it moves to is learned through
+    # the rows with smaller t, many steps later. Inpainting is conditioned on the visible upper half and
+    # the reference, so the one-step image is no blur; the image, L1 and mouth losses teach it directly.
+    one_step = (t == 1) & (r == 0)
+    near = (t < options.image_t_max) | one_step
+    chosen = torch.argsort((~one_step).to(torch.int8), stable=True)[:options.image_samples]
     if chosen.numel():
         pixels = decode(model.vae, model.latent_stats, out["x_pred"][chosen]).float()
         target = batch["pixels"][chosen]
@@ -139,6 +148,8 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
         with torch.autocast(pixels.device.type, enabled=False):
             if picked.any():
                 losses["image"] = image_loss(pixels[picked], target[picked])
+            if options.l1_weight:
+                losses["l1"] = (pixels - target).abs().mean()
             box = mouth_mask(batch["mouth_box"][chosen], target.shape[-1]).to(pixels.device)
             losses["mouth"] = ((pixels - target).abs() * box).sum() / (3 * box.sum()).clamp_min(1)
         if syncnet is not None and sync_weight > 0:
@@ -147,7 +158,8 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
             losses["sync"] = sync_loss(syncnet, lower_half(pixels), batch["windows"][chosen])
     if extra.get("indexer") is not None:
         losses["indexer"] = extra["indexer"]
-    weights = {"pmf": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "sync": sync_weight,
+    weights = {"pmf": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "l1": options.l1_weight,
+               "sync": sync_weight,
                "indexer": options.indexer_weight}
     return losses, weights, out["mse"]
 
@@ -176,7 +188,8 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
         history.info[f"stage{stage}_fp8_linears"] = swapped
     trainable = trainable_modules(model)
     parameters = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=options.lr, betas=tuple(options.betas),
+    optimizer = torch.optim.AdamW(parameters, lr=options.lr if stage == 1 else options.stage2_lr,
+                                  betas=tuple(options.betas),
                                   weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(options.warmup, 1)))
     ema = EMA(trainable, options.ema_decay)

@@ -136,3 +136,21 @@ def test_a_non_finite_loss_stops_naming_the_step_and_the_loss(setup, tmp_path, m
     with pytest.raises(trainer.NonFiniteLossError, match=r"^step 1: loss 'pmf' is nan"):
         _run(setup, tmp_path / "nan", (1,), options=_options())
     assert not (tmp_path / "nan" / "stage1" / "checkpoint.pt").exists()
+
+
+def test_stage2_adds_margins_to_the_latents_of_stage1(setup):
+    """Stage 2 of a two-stage run encodes only the margins stage 1 did not: the same latents as encoding all."""
+    from musetalk_fast.train.data import add_margins, encode_clips
+    from musetalk_fast.train.pipeline import build_stage1_model, read_data
+
+    root, config = setup
+    train, _ = read_data(root / "data", config, 0)
+    model = build_stage1_model(config, root / "vae", train, "cpu")
+    stage1, counts = encode_clips(model, train, margins=(0,))
+    added = add_margins(model, stage1, (0, 8, 16))
+    direct, direct_counts = encode_clips(model, train, margins=(0, 8, 16))
+    assert counts == direct_counts and len(added) == len(direct)
+    for a, b, first in zip(added, direct, stage1):
+        assert sorted(a.masked) == [0, 8, 16] and a.masked[0] is first.masked[0] and a.latents is first.latents
+        for margin in (0, 8, 16):
+            assert torch.equal(a.masked[margin], b.masked[margin])
