@@ -134,8 +134,8 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     # (1, 0) first. The image loss takes those with t < image_t_max (pMF's perceptual range, where x_pred is
     # an image, not a blur of many) and the one-step rows; the L1s and the sync loss take all of them.
     # The one-step rows need it: there V - v = x - x_pred + sg(x_pred - x - dx/dt) (= -dx/dt), whose gradient
-    # in x_pred is 2 sg(dx/dt): pMF only asks x_pred to stop moving in t at t = 1, and what it moves to is learned through
-    # the rows with smaller t, many steps later. Inpainting is conditioned on the visible upper half and
+    # in x_pred is 2 sg(dx/dt): pMF only asks x_pred to stop moving in t at t = 1, and what it moves to
+    # is learned through the rows with smaller t, many steps later. Inpainting is conditioned on the visible upper half and
     # the reference, so the one-step image is no blur; the image, L1 and mouth losses teach it directly.
     one_step = (t == 1) & (r == 0)
     near = (t < options.image_t_max) | one_step
