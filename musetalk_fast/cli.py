@@ -250,8 +250,7 @@ def _add_train(subcommands):
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
     parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (on a shared machine 1 can be far faster than the default)")
+    _add_threads(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_train)
     return parser
@@ -271,12 +270,7 @@ def _train(args, parser):
     for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--eval-every", args.eval_every)):
         if value is not None and value < (0 if flag == "--eval-every" else 1):
             parser.error(f"argument {flag}: must be {'>= 0' if flag == '--eval-every' else '>= 1'} (got {value})")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"argument --threads: must be >= 1 (got {args.threads})")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args, parser)
     options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
     overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every}
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})

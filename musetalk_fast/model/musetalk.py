@@ -11,13 +11,12 @@ One-step generation (MeanFlow, t = 1, r = 0): x = unet(noise, masked, reference,
 The checkpoint is one torch file {"format", "config" (ModelConfig.to_dict()), "state_dict"}, written
 to a temporary file beside the target and renamed over it, so a crash never leaves half a file.
 """
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import atomic_save
 from .config import ModelConfig
 
 CHECKPOINT_FORMAT = "musetalk_fast.model/1"
@@ -65,16 +64,7 @@ class MuseTalk(nn.Module):
         path = Path(path)
         state = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(),
                  "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                torch.save(state, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_save(state, path)
 
     @classmethod
     def load(cls, path, map_location="cpu"):

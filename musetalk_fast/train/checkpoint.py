@@ -10,41 +10,15 @@ Atomic: the bytes go to a temporary file in the same folder, are flushed to disk
 renames it over the target (atomic on POSIX within one file system), so a run killed mid-write
 leaves the previous checkpoint whole, never a truncated one.
 """
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import atomic_save  # noqa: F401  (re-exported: the trainer's and the pipeline's writer)
+
 LATEST = "latest.pt"
-
-
-def atomic_save(obj, path):
-    """torch.save(obj) to `path` through a temporary file + fsync + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            torch.save(obj, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    try:  # make the rename itself durable
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
-    return path
 
 
 def rng_state():
