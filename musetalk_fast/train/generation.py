@@ -44,3 +44,22 @@ def clip_generator(model, seed=0, reference_rule="open"):
         return np.concatenate(frames)
 
     return generate
+
+
+def reconstruction_generator(model):
+    """generate_fn(clip) -> uint8 [T, S, S, 3]: the clip's own frames through the model's VAE (encode, decode).
+    evaluate() of it is the ceiling of any generator that decodes through this VAE: a mouth the VAE
+    cannot render closed is not closed in any generated frame either."""
+    from ..model.vae import decode, encode, to_model_images, to_uint8
+
+    config = model.config
+    device = next(model.vae.parameters()).device
+
+    @torch.no_grad()
+    def reconstruct(clip):
+        images = to_model_images(clip.frames, config.image_size).to(device)
+        return np.concatenate([to_uint8(decode(model.vae, model.latent_stats,
+                                               encode(model.vae, model.latent_stats, images[i:i + 32]), clamp=True))
+                               for i in range(0, len(images), 32)])
+
+    return reconstruct

@@ -70,6 +70,10 @@ def test_eval_prints_the_metrics(data, checkpoint, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == metrics
     assert metrics["clips"] == 1 and metrics["frames"] == 15 and metrics["fps"] > 0
     assert -1 <= metrics["opening_correlation"] <= 1 and 0 <= metrics["mouth_ssim"] <= 1
+    ceiling = metrics["vae_reconstruction"]  # the clips' own frames through the VAE
+    assert set(ceiling) == {"opening_correlation", "opening_std_ratio", "silent_closed_share", "mouth_psnr",
+                            "mouth_ssim"}
+    assert -1 <= ceiling["opening_correlation"] <= 1 and 0 <= ceiling["mouth_ssim"] <= 1
 
 
 def test_eval_bad_input(data, checkpoint, tmp_path, capsys):
