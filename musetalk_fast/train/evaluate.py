@@ -25,9 +25,10 @@ frames, audio, ground truth) and measures the generated mouths with the data pac
 - fps: generated frames per second of wall time spent inside generate_fn.
 
 run_eval (`musetalk-fast eval`) also reports "vae_reconstruction": the same metrics of the clips' own frames
-encoded and decoded by the model's VAE (generation.reconstruction_generator), the ceiling of any generator
-that decodes through that VAE (at the tiny config's 128 px, a VAE that darkens an identity's closed lips
-past the detector's threshold caps silent_closed_share for that identity whatever the U-Net does).
+encoded and decoded by the model's VAE (generation.reconstruction_generator): what a generator that found
+the true latents would score through that VAE (at the tiny config's 128 px, a VAE that darkens an identity's
+closed lips past the detector's threshold holds silent_closed_share down for that identity unless the U-Net
+finds other latents that decode lighter).
 
 Generated frames of another size than the clip's are resized to it (bilinear) before measuring.
 """

@@ -48,8 +48,8 @@ def clip_generator(model, seed=0, reference_rule="open"):
 
 def reconstruction_generator(model):
     """generate_fn(clip) -> uint8 [T, S, S, 3]: the clip's own frames through the model's VAE (encode, decode).
-    evaluate() of it is the ceiling of any generator that decodes through this VAE: a mouth the VAE
-    cannot render closed is not closed in any generated frame either."""
+    evaluate() of it is what a generator that found the true latents would score through this VAE: the
+    reference level for a generator decoding through it (not a strict bound: other latents may decode better)."""
     from ..model.vae import decode, encode, to_model_images, to_uint8
 
     config = model.config
