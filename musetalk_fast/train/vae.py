@@ -42,6 +42,7 @@ class VAETraining:
     seed: int = 0
     initial_logvar: float = -8.0  # the posterior's log-variance at the start (see train_vae)
     max_minutes: float = None  # stop early (after the step that crosses it)
+    color_jitter: float = 0.0  # per-crop random colour cast (see _jitter_colors); 0 = off
 
 
 def _crop_origins(rng, count, size, crop, mouth_boxes):
@@ -69,6 +70,18 @@ def _mouth_weights(boxes, origins, crop, weight):
     return (1 + weight * inside.float()).unsqueeze(1)
 
 
+def _jitter_colors(images, strength, generator):
+    """A random colour cast per image of [N, 3, H, W] in [-1, 1]: each channel c becomes
+    g_c * x + o_c with log g_c ~ U(-s, s) and o_c ~ U(-s/2, s/2), clamped to [-1, 1].
+    The training identities are a handful of skin and lip palettes; an autoencoder fit to them
+    shifts an unseen face's colours toward them (a held-out identity's closed lips decoded as a dark
+    gap). Casts make the decoder represent the colour it is given rather than recall a palette."""
+    n = images.shape[0]
+    gains = torch.exp((torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1) * strength)
+    offsets = (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * strength
+    return (images * gains + offsets).clamp(-1, 1)
+
+
 def train_vae(config, frames, mouth_boxes=None, training=VAETraining(), progress=True, log=None):
     """Train a fresh VAE (build_vae(config)) on uint8 frames [N, S, S, 3] (S = config.image_size) with optional
     mouth boxes [N, 4] (x0, y0, x1, y1 pixels). Returns (vae, history: list of per-step loss dicts)."""
@@ -80,6 +93,7 @@ def train_vae(config, frames, mouth_boxes=None, training=VAETraining(), progress
         raise ValueError(f"crop_size must be a multiple of 8 in [8, {size}] (got {crop})")
     torch.manual_seed(training.seed)
     rng = np.random.default_rng(training.seed)
+    jitter_rng = torch.Generator().manual_seed(training.seed)
     vae = build_vae(config).train()
     # A fresh encoder's posterior has log-variance ~0 (std 1) around means of ~0.1: sampled latents would be
     # almost pure noise and the decoder would learn slowly. Start the log-variance half of quant_conv's
@@ -104,6 +118,8 @@ def train_vae(config, frames, mouth_boxes=None, training=VAETraining(), progress
         origins = _crop_origins(rng, training.batch, size, crop, boxes)
         crops = torch.stack([all_frames[i, y:y + crop, x:x + crop] for i, (y, x) in zip(index, origins)])
         target = to_model_images(crops.numpy())
+        if training.color_jitter:
+            target = _jitter_colors(target, training.color_jitter, jitter_rng)
         posterior = vae.encode(target).latent_dist
         decoded = vae.decode(posterior.sample()).sample
         error = (decoded - target).abs()
@@ -117,11 +133,12 @@ def train_vae(config, frames, mouth_boxes=None, training=VAETraining(), progress
             raise FloatingPointError(f"train-vae: loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         record = {"step": step, "loss": loss.item(), "l1": l1.item(), "mouth": mouth.item(),
-                  "image": perceptual.item(), "kl": kl.item(), "seconds": time.perf_counter() - start}
+                  "image": perceptual.item(), "kl": kl.item(), "grad_norm": grad_norm.item(),
+                  "seconds": time.perf_counter() - start}
         history.append(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}")
