@@ -119,15 +119,13 @@ def _train_vae(args, parser):
             parser.error(f"argument {flag}: must be >= {low} (got {value})")
     if not args.lr > 0:
         parser.error(f"argument --lr: must be positive (got {args.lr})")
-    if not 0 <= args.color_jitter <= 2:
-        parser.error(f"argument --color-jitter: must be in [0, 2] (got {args.color_jitter})")
     training = VAETraining(steps=args.steps, batch=args.batch, crop_size=args.crop, lr=args.lr, seed=args.seed,
                            max_minutes=args.max_minutes, color_jitter=args.color_jitter)
     try:
         report = run_train_vae(args.data, ModelConfig.named(args.config), args.out, training, force=args.force,
                                progress=not args.no_progress)
     except DataArgumentError as error:
-        flag = {"crop_size": "--crop"}.get(error.argument, f"--{error.argument}")
+        flag = {"crop_size": "--crop", "color_jitter": "--color-jitter"}.get(error.argument, f"--{error.argument}")
         parser.error(f"argument {flag}: {error.reason}")
     metrics = report["eval"]
     mouth = f", mouth {metrics['mouth_psnr_db']:.2f} dB" if "mouth_psnr_db" in metrics else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_save  # noqa: F401  (re-exported: the trainer's and the pipeline's writer)
+from ..files import atomic_save
 
 LATEST = "latest.pt"
 

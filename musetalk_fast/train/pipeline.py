@@ -96,7 +96,7 @@ def provide_syncnet(syncnet, train_clips, config, out, progress):
         print(f"no --syncnet: training one into {path}")
         trained, _ = train_syncnet(train_clips, config, steps=SYNCNET_STEPS.get(config_name(config), 200),
                                    progress=progress)
-        from .checkpoint import atomic_save
+        from ..files import atomic_save
 
         atomic_save(syncnet_state(trained), path)
     return load_syncnet(path, map_location="cpu" if not torch.cuda.is_available() else "cuda")

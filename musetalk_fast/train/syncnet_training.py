@@ -155,7 +155,7 @@ def run_train_syncnet(data, out, config, steps=300, batch=16, seed=0, heldout="v
     from pathlib import Path
 
     from ..model.folder import read_folder
-    from .checkpoint import atomic_save
+    from ..files import atomic_save
     from .pipeline import TrainArgumentError
     from .syncnet import syncnet_state
 

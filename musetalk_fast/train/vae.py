@@ -26,6 +26,7 @@ from ..model.vae import build_vae, compute_latent_stats, save_vae, to_model_imag
 from .image_losses import ImageLoss, ms_ssim, psnr
 
 REPORT = "train_vae.json"
+MAX_COLOR_JITTER = 2.0  # gains up to e^2: beyond, most crops clamp to flat colour
 
 
 @dataclass
@@ -91,6 +92,8 @@ def train_vae(config, frames, mouth_boxes=None, training=VAETraining(), progress
     crop = training.crop_size or size // 2
     if not 8 <= crop <= size or crop % 8:
         raise ValueError(f"crop_size must be a multiple of 8 in [8, {size}] (got {crop})")
+    if not 0 <= training.color_jitter <= MAX_COLOR_JITTER:
+        raise ValueError(f"color_jitter must be in [0, {MAX_COLOR_JITTER}] (got {training.color_jitter})")
     torch.manual_seed(training.seed)
     rng = np.random.default_rng(training.seed)
     jitter_rng = torch.Generator().manual_seed(training.seed)
@@ -191,6 +194,8 @@ def run_train_vae(data, config, out, training=VAETraining(), force=False, progre
     crop = training.crop_size or config.image_size // 2
     if not 8 <= crop <= config.image_size or crop % 8:
         raise DataArgumentError("crop_size", f"must be a multiple of 8 in [8, {config.image_size}] (got {crop})")
+    if not 0 <= training.color_jitter <= MAX_COLOR_JITTER:
+        raise DataArgumentError("color_jitter", f"must be in [0, {MAX_COLOR_JITTER}] (got {training.color_jitter})")
     try:
         clips = list(read_folder(data, config.image_size))
     except ValueError as error:  # not a folder, no clips, or a clip ffmpeg cannot read (named)

@@ -94,7 +94,7 @@ def test_nothing_overwritten_without_force(data, vae_folder, shards, capsys):
     (["train-vae", "--data", "{tmp}/none"], "argument --data: {tmp}/none is not a folder"),
     (["train-vae", "--data", "{data}", "--crop", "12"], "argument --crop: must be a multiple of 8 in [8, 128] (got 12)"),
     (["train-vae", "--data", "{data}", "--steps", "0"], "argument --steps: must be >= 1 (got 0)"),
-    (["train-vae", "--data", "{data}", "--color-jitter", "-0.1"], "argument --color-jitter: must be in [0, 2] (got -0.1)"),
+    (["train-vae", "--data", "{data}", "--color-jitter", "-0.1"], "argument --color-jitter: must be in [0, 2.0] (got -0.1)"),
 ])
 def test_bad_input_is_named(tmp_path, data, vae_folder, capsys, command, message):
     values = {"tmp": tmp_path, "data": data, "vae": vae_folder}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from musetalk_fast.train.checkpoint import atomic_save, load_checkpoint, resume, save_checkpoint
+from musetalk_fast.files import atomic_save
+from musetalk_fast.train.checkpoint import load_checkpoint, resume, save_checkpoint
 from musetalk_fast.train.ema import EMA
 
 

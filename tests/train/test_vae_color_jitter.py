@@ -52,3 +52,14 @@ def test_the_command_line_default_is_the_trainer_default():
     args = parser.parse_args(["train-vae", "--data", "D", "--out", "O"])
     assert args.color_jitter == VAETraining.color_jitter == 0.0  # off unless asked (docs/model.md)
     assert parser.parse_args(["train-vae", "--data", "D", "--out", "O", "--color-jitter", "0.4"]).color_jitter == 0.4
+
+
+def test_the_library_refuses_a_strength_out_of_range_by_name():
+    import numpy as np
+
+    from musetalk_fast.model.config import ModelConfig
+    from musetalk_fast.train.vae import VAETraining, train_vae
+
+    frames = np.zeros((2, 128, 128, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"color_jitter must be in \[0, 2.0\] \(got -0.5\)"):
+        train_vae(ModelConfig.named("tiny"), frames, training=VAETraining(steps=1, color_jitter=-0.5), progress=False)
