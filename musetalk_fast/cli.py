@@ -6,7 +6,7 @@
     musetalk-fast train-vae --data DIR --out VAE [--config tiny] [--steps N]   # the 16-channel VAE (docs/model.md)
     musetalk-fast prepare --data DIR --vae VAE --out SHARDS [--config tiny]   # latents + audio to .npy shards
     musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
-    musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S]
+    musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S] [--seed N]
     musetalk-fast train-syncnet --data D --out SYNCNET [--config tiny] [--steps N]  # the lip-sync expert (docs/train.md)
     musetalk-fast eval --checkpoint C --data D [--split test]   # mouth measured in generated pixels (docs/train.md)
 """
@@ -250,6 +250,8 @@ def _add_train(subcommands):
     parser.add_argument("--batch", type=int, default=None, help="clips per step (default 4)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the U-Net's init, batches, times and noise (default 0; a VAE or SyncNet trained here keeps 0)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
     parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
@@ -270,12 +272,13 @@ def _train(args, parser):
         config = ModelConfig.named(args.config)
     except ValueError as error:
         parser.error(f"argument --config: {error}")
-    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--eval-every", args.eval_every)):
-        if value is not None and value < (0 if flag == "--eval-every" else 1):
-            parser.error(f"argument {flag}: must be {'>= 0' if flag == '--eval-every' else '>= 1'} (got {value})")
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--eval-every", args.eval_every, 0),
+                             ("--seed", args.seed, 0)):
+        if value is not None and value < low:
+            parser.error(f"argument {flag}: must be >= {low} (got {value})")
     _set_threads(args, parser)
     options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
-    overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every}
+    overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every, "seed": args.seed}
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     try:
         history = run_train(args.data, args.out, config, stages=(args.stage,) if args.stage else (1, 2),

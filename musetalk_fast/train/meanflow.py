@@ -20,6 +20,12 @@ Each sample's squared error (a mean over its elements, so the constant does not 
 resolution) is divided by sg(loss + 0.01): MeanFlow's adaptive loss weighting w = 1 / sg(||d||^2 + c)^p
 with p = 1 (its "loss metrics" design choice), with pMF's c.
 
+At t = 1 the residual does not see the x-prediction's value: z_1 = eps, u = eps - x_theta and
+du/dt = v - dx_theta/dt - u, so V - v = -dx_theta/dt. A row at (t, r) = (1, 0) only asks x_theta to stop
+moving in t, and any output constant in t, the zero-initialised network's included, scores 0 there.
+`boundary_rows` gives such rows the r = t target instead (V = u, so ||V - v||^2 = ||x_theta - x||^2 at
+t = 1: the conditional mean, the flow-matching boundary), while the network still sees their (t, r).
+
 The JVP: our ops (torch.ops.musetalk_fast) have backward rules, not forward-mode ones, so
 torch.func.jvp cannot go through them. `finite_difference_jvp` takes a central difference instead,
 along the same tangent (dz, dt, dr) = (v, 1, 0):
@@ -144,10 +150,13 @@ def forward_mode_jvp(predict_x, z, v, t, r):
     return out
 
 
-def pmf_loss(predict_x, x, eps, t, r, jvp="finite_difference", step=None, adaptive=True):
+def pmf_loss(predict_x, x, eps, t, r, jvp="finite_difference", step=None, adaptive=True, boundary_rows=None):
     """The pMF loss of a batch (module docstring). predict_x(z, t, r, rows=None) -> x_pred is the
     network with its conditioning bound (rows: None for the whole batch, else an index tensor of the
     rows it is called on). x, eps: [B, ...] clean target and noise; t, r: [B].
+    boundary_rows (optional bool [B]): rows whose network still sees their (t, r) but whose loss drops the
+    JVP term, V = u (the r = t target): ||x_pred - x||^2 / t^2. The trainer's one-step rows at (1, 0)
+    use it: there the pMF residual V - v = -dx/dt does not depend on x_pred's value (module docstring).
 
     Returns a dict: `loss` (the scalar to minimise: mean over the batch of the adaptively weighted
     per-sample losses), `mse` (the unweighted per-sample ||V - v||^2 means, detached), `x_pred` (the
@@ -159,19 +168,27 @@ def pmf_loss(predict_x, x, eps, t, r, jvp="finite_difference", step=None, adapti
                          f"(got x {tuple(x.shape)}, eps {tuple(eps.shape)}, t {tuple(t.shape)}, r {tuple(r.shape)})")
     if bool((r > t).any()) or bool((t <= 0).any()):
         raise ValueError("times must satisfy 0 < t and r <= t")
+    if boundary_rows is not None:
+        if boundary_rows.shape != t.shape or boundary_rows.dtype != torch.bool:
+            raise ValueError(f"boundary_rows must be a bool tensor of shape [B] = {tuple(t.shape)} "
+                             f"(got {boundary_rows.dtype} {tuple(boundary_rows.shape)})")
+        r_loss = torch.where(boundary_rows.to(t.device), t, r)  # the JVP term's factor t - r becomes 0
+    else:
+        r_loss = r
     shape = (-1,) + (1,) * (x.dim() - 1)
-    tb, rb = t.view(shape), r.view(shape)
+    tb = t.view(shape)
     z_t = (1 - tb) * x + tb * eps  # MeanFlow eq. 1
     v = eps - x                    # the conditional velocity dz_t/dt
     x_pred = predict_x(z_t, t, r, None)
     u = (z_t - x_pred.to(z_t.dtype)) / tb  # pMF: the average velocity of the x-prediction
+    # the JVP runs only on rows with r_loss < t (boundary rows skip it; elsewhere r_loss = r)
     if jvp == "finite_difference":
-        dxdt = finite_difference_jvp(predict_x, z_t, v, t, r, step)
+        dxdt = finite_difference_jvp(predict_x, z_t, v, t, r_loss, step)
     else:
-        dxdt = forward_mode_jvp(predict_x, z_t, v, t, r)
+        dxdt = forward_mode_jvp(predict_x, z_t, v, t, r_loss)
     # du/dt of u = (z - x)/t along (v, 1, 0): (dz/dt - dx/dt)/t - (z - x)/t^2 = (v - dx/dt - u)/t
     dudt = ((v - dxdt - u.detach()) / tb).detach()
-    big_v = u + (tb - rb) * dudt  # V = u + (t - r) sg(du/dt): the MeanFlow identity, eq. 6
+    big_v = u + (tb - r_loss.view(shape)) * dudt  # V = u + (t - r) sg(du/dt): the MeanFlow identity, eq. 6
     mse = (big_v - v).pow(2).flatten(1).mean(1)
     weighted = mse / (mse.detach() + ADAPTIVE_WEIGHT_C) if adaptive else mse
     return {"loss": weighted.mean(), "mse": mse.detach(), "x_pred": x_pred, "z_t": z_t, "dudt": dudt}

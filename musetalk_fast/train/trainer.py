@@ -4,7 +4,7 @@ Stage 1 (reconstruction): the pixel-MeanFlow loss on the U-Net's x-prediction (m
 the decoded pixels, the image loss (MS-SSIM + gradient, or LPIPS with local VGG weights: image_losses.py)
 of the rows with t < 0.8 (pMF applies its perceptual loss only there: at larger t the x-prediction is a
 blur of many images) and of the one-step rows (t, r) = (1, 0) (inpainting's condition makes that image
-no blur, and pMF alone teaches it only through consistency: compute_losses), an L1 on the whole decoded
+no blur; their pMF target is x itself, as pMF's residual at t = 1 ignores x_pred: compute_losses), an L1 on the whole decoded
 image and an L1 on its mouth region (at t = 1, the one-step generation of inference, the mouth can only
 come from the audio). The Engram memory is frozen (its gate
 stays at zero, so the U-Net learns without it). References come from Informative Frame Sampling.
@@ -55,6 +55,7 @@ class TrainOptions:
     time_mean: float = -0.4         # logit-normal (t, r) sampler
     time_std: float = 1.0
     one_step_share: float = 0.1     # rows drawn at (t, r) = (1, 0): the one-step generation, all inference runs
+    one_step_target: str = "x"      # their pMF target: "x" (V = u, regress on x) or "pmf" (the JVP's; see compute_losses)
     image_weight: float = 1.0       # MS-SSIM + gradient (or LPIPS) on decoded pixels: rows with t < image_t_max
     image_t_max: float = 0.8        # and the one-step rows (see compute_losses)
     image_samples: int = 2          # samples per step decoded for the image, L1, mouth and sync losses
@@ -69,6 +70,10 @@ class TrainOptions:
     eval_clips: int = 4
     seed: int = 0
     margins: tuple = field(default=(0, 8, 16))  # the masked latents precomputed per margin
+
+    def __post_init__(self):
+        if self.one_step_target not in ("x", "pmf"):
+            raise ValueError(f"one_step_target must be 'x' or 'pmf' (got {self.one_step_target!r})")
 
     def to_dict(self):
         return asdict(self)
@@ -127,17 +132,19 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
             extra["indexer"] = unet.indexer_loss()
         return x
 
-    out = pmf_loss(predict_x, batch["x"], eps, t, r)
+    one_step = (t == 1) & (r == 0)
+    # At (1, 0) the pMF residual is -dx_pred/dt whatever x_pred is (meanflow.py): a constant output scores 0,
+    # and a run has kept the untrained network's flat field there (docs/train.md). "x" gives those
+    # rows the r = t target, ||x_pred - x||^2: the conditional mean, which the image losses below sharpen.
+    boundary = one_step if options.one_step_target == "x" else None
+    out = pmf_loss(predict_x, batch["x"], eps, t, r, boundary_rows=boundary)
     losses = {"pmf": out["loss"]}
     # Decoding is the step's dearest part (at 128 px the VAE decoder costs more per frame than the tiny
     # U-Net): options.image_samples samples of the (i.i.d.) batch are decoded, the one-step rows (t, r) =
     # (1, 0) first. The image loss takes those with t < image_t_max (pMF's perceptual range, where x_pred is
     # an image, not a blur of many) and the one-step rows; the L1s and the sync loss take all of them.
-    # The one-step rows need it: there V - v = x - x_pred + sg(x_pred - x - dx/dt) (= -dx/dt), whose gradient
-    # in x_pred is 2 sg(dx/dt): pMF only asks x_pred to stop moving in t at t = 1, and what it moves to
-    # is learned through the rows with smaller t, many steps later. Inpainting is conditioned on the visible upper half and
-    # the reference, so the one-step image is no blur; the image, L1 and mouth losses teach it directly.
-    one_step = (t == 1) & (r == 0)
+    # Inpainting is conditioned on the visible upper half and the reference, so the one-step image is no
+    # blur; the image, L1 and mouth losses teach it in pixels.
     near = (t < options.image_t_max) | one_step
     chosen = torch.argsort((~one_step).to(torch.int8), stable=True)[:options.image_samples]
     if chosen.numel():

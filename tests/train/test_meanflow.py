@@ -103,6 +103,53 @@ def test_pmf_loss_matches_an_independent_float64_computation(jvp):
         torch.testing.assert_close(a, p.grad, rtol=1e-7, atol=1e-12)
 
 
+def _one_step_rows(t, r, rows):
+    t, r = t.clone(), r.clone()
+    t[rows], r[rows] = 1.0, 0.0
+    return t, r
+
+
+def test_pmf_residual_at_t_1_does_not_see_the_prediction_value():
+    """At (t, r) = (1, 0): V - v = -dx/dt, so a network shifted by a constant scores the same there (the
+    degenerate minimum boundary_rows removes), while rows with t < 1 see the shift."""
+    net, x, eps, t, r = _setup()
+    t, r = _one_step_rows(t, r, [0, 1])
+    shift = torch.randn_like(x[:1])
+    plain = pmf_loss(_predict(net), x, eps, t, r, jvp="forward_mode")
+    shifted = pmf_loss(lambda z, tt, rr, rows=None: net(z, tt, rr) + shift, x, eps, t, r, jvp="forward_mode")
+    torch.testing.assert_close(shifted["mse"][:2], plain["mse"][:2], rtol=1e-10, atol=1e-12)
+    assert bool((shifted["mse"][2:] != plain["mse"][2:]).all())
+
+
+@pytest.mark.parametrize("jvp", ["finite_difference", "forward_mode"])
+def test_pmf_loss_boundary_rows_regress_on_x_and_leave_the_others(jvp):
+    net, x, eps, t, r = _setup(batch=7)
+    t, r = _one_step_rows(t, r, [1, 4])
+    boundary = torch.zeros(7, dtype=torch.bool)
+    boundary[[1, 4]] = True
+    seen = []
+
+    def predict(z, tt, rr, rows=None):
+        seen.append((rows, rr.clone()))
+        return net(z, tt, rr)
+
+    out = pmf_loss(predict, x, eps, t, r, jvp=jvp, step=1e-5, boundary_rows=boundary)
+    # the network's own call sees every row's r (the one-step rows keep r = 0); the JVP skips boundary rows
+    assert seen[0][0] is None and torch.equal(seen[0][1], r)
+    assert all(rows is not None and not bool(boundary[rows].any()) for rows, _ in seen[1:])
+    per_sample, _ = _independent_loss(net, x, eps, t, r)
+    expected = per_sample.copy()
+    with torch.no_grad():
+        x_pred = net((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps, t, r)
+    expected[[1, 4]] = ((x_pred - x)[[1, 4]] ** 2).flatten(1).mean(1).numpy()  # t = 1: ||u - v||^2 = ||x_pred - x||^2
+    np.testing.assert_allclose(out["mse"].numpy(), expected, rtol=1e-7)
+    np.testing.assert_allclose(out["loss"].item(), (expected / (expected + 0.01)).mean(), rtol=1e-7)
+    with pytest.raises(ValueError, match="boundary_rows"):
+        pmf_loss(predict, x, eps, t, r, boundary_rows=boundary[:3])
+    with pytest.raises(ValueError, match="boundary_rows"):
+        pmf_loss(predict, x, eps, t, r, boundary_rows=boundary.float())
+
+
 def test_pmf_loss_rejects_bad_times_and_shapes():
     net, x, eps, t, r = _setup()
     with pytest.raises(ValueError, match="r <= t"):

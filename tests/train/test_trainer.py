@@ -109,7 +109,7 @@ def test_both_stages_train_checkpoint_and_resume_bit_identically(setup, tmp_path
             _assert_identical(resumed[part], straight[part])
 
 
-def test_bad_input_is_named(setup, tmp_path):
+def test_bad_input_is_named(setup, tmp_path, capsys):
     root, config = setup
     with pytest.raises(TrainArgumentError, match="^data .* is not a folder"):
         run_train(tmp_path / "missing", tmp_path / "run", config, progress=False)
@@ -120,6 +120,11 @@ def test_bad_input_is_named(setup, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", str(root / "data"), "--out", str(tmp_path / "run"), "--steps", "0"])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(root / "data"), "--out", str(tmp_path / "run"), "--seed", "-1"])
+    assert exit_info.value.code == 2 and "argument --seed: must be >= 0 (got -1)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="one_step_target must be 'x' or 'pmf'"):
+        _options(one_step_target="mean")
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_the_loss(setup, tmp_path, monkeypatch):
@@ -136,6 +141,28 @@ def test_a_non_finite_loss_stops_naming_the_step_and_the_loss(setup, tmp_path, m
     with pytest.raises(trainer.NonFiniteLossError, match=r"^step 1: loss 'pmf' is nan"):
         _run(setup, tmp_path / "nan", (1,), options=_options())
     assert not (tmp_path / "nan" / "stage1" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("target", ["x", "pmf"])
+def test_one_step_rows_get_the_boundary_target_x_by_default(setup, tmp_path, monkeypatch, target):
+    """The trainer marks its (t, r) = (1, 0) rows as pmf_loss's boundary rows ("x"), or none ("pmf")."""
+    from musetalk_fast.train import trainer
+
+    real, calls = trainer.pmf_loss, []
+
+    def spy(predict_x, x, eps, t, r, **kwargs):
+        calls.append((t.clone(), r.clone(), kwargs.get("boundary_rows")))
+        return real(predict_x, x, eps, t, r, **kwargs)
+
+    monkeypatch.setattr(trainer, "pmf_loss", spy)
+    _run(setup, tmp_path / target, (1,), options=_options(one_step_share=0.5, one_step_target=target))
+    assert len(calls) == 2
+    for t, r, boundary in calls:
+        if target == "pmf":
+            assert boundary is None
+        else:
+            assert torch.equal(boundary, (t == 1) & (r == 0))
+    assert any(bool(((t == 1) & (r == 0)).any()) for t, r, _ in calls)  # the seed draws one-step rows
 
 
 def test_stage2_adds_margins_to_the_latents_of_stage1(setup):
