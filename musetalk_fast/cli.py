@@ -266,7 +266,7 @@ def _train(args, parser):
 
     from .model.config import ModelConfig
     from .train.pipeline import TrainArgumentError, run_train
-    from .train.trainer import TrainOptions
+    from .train.trainer import MAX_SEED, TrainOptions
 
     try:
         config = ModelConfig.named(args.config)
@@ -276,6 +276,8 @@ def _train(args, parser):
                              ("--seed", args.seed, 0)):
         if value is not None and value < low:
             parser.error(f"argument {flag}: must be >= {low} (got {value})")
+    if args.seed is not None and args.seed > MAX_SEED:
+        parser.error(f"argument --seed: must be <= {MAX_SEED} (got {args.seed})")
     _set_threads(args, parser)
     options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
     overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every, "seed": args.seed}

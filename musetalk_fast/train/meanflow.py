@@ -84,7 +84,7 @@ def _rows(t, r):
 
 
 # Three-point stencils of dx/dt: (offsets in steps, weights / h). The network takes only 0 <= r <= t <= 1,
-# so rows within a step of t = 1 (the one-step rows sit at t = 1) use the backward one, rows within a step
+# so rows within a step of t = 1 (one-step rows at t = 1, unless boundary rows) use the backward one, rows within a step
 # of t = r the forward one; all are exact for quadratics (error O(h^2) like the central difference).
 CENTRAL = ((-1.0, 1.0, 0.0), (-0.5, 0.5, 0.0))
 BACKWARD = ((0.0, -1.0, -2.0), (1.5, -2.0, 0.5))

@@ -139,9 +139,12 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
     encoded = None  # (TrainClips, label-cleaning counts) of the last stage
     for stage in stages:
         stage_steps = steps or DEFAULT_STEPS.get(name, DEFAULT_STEPS["tiny"])[stage]
-        torch.manual_seed(options.seed)  # the random init: the same run twice is the same run
         if stage == 1:
-            model = build_stage1_model(config, provide_vae(vae, data, config, out, progress), train_clips, device)
+            vae_folder = provide_vae(vae, data, config, out, progress)
+            # the random init, seeded after any VAE training here (which seeds itself): the same run twice is
+            # the same run, with or without --vae
+            torch.manual_seed(options.seed)
+            model = build_stage1_model(config, vae_folder, train_clips, device)
             frozen_syncnet = None
         else:
             from ..model.musetalk import MuseTalk

@@ -37,6 +37,9 @@ from .precision import autocast, use_fp8_linears
 from .report import History, write_report
 
 
+MAX_SEED = (2 ** 32 - 1) // 1000 - 2  # stage k seeds numpy with seed * 1000 + k, which must stay below 2^32
+
+
 @dataclass
 class TrainOptions:
     """Hyperparameters (defaults sized for the tiny config on a CPU)."""
@@ -72,6 +75,8 @@ class TrainOptions:
     margins: tuple = field(default=(0, 8, 16))  # the masked latents precomputed per margin
 
     def __post_init__(self):
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
         if self.one_step_target not in ("x", "pmf"):
             raise ValueError(f"one_step_target must be 'x' or 'pmf' (got {self.one_step_target!r})")
 

@@ -136,7 +136,8 @@ def test_pmf_loss_boundary_rows_regress_on_x_and_leave_the_others(jvp):
     out = pmf_loss(predict, x, eps, t, r, jvp=jvp, step=1e-5, boundary_rows=boundary)
     # the network's own call sees every row's r (the one-step rows keep r = 0); the JVP skips boundary rows
     assert seen[0][0] is None and torch.equal(seen[0][1], r)
-    assert all(rows is not None and not bool(boundary[rows].any()) for rows, _ in seen[1:])
+    assert len(seen) > 1 and all(rows is not None and not bool(boundary[rows].any()) and torch.equal(rr, r[rows])
+                                 for rows, rr in seen[1:])
     per_sample, _ = _independent_loss(net, x, eps, t, r)
     expected = per_sample.copy()
     with torch.no_grad():
@@ -144,6 +145,15 @@ def test_pmf_loss_boundary_rows_regress_on_x_and_leave_the_others(jvp):
     expected[[1, 4]] = ((x_pred - x)[[1, 4]] ** 2).flatten(1).mean(1).numpy()  # t = 1: ||u - v||^2 = ||x_pred - x||^2
     np.testing.assert_allclose(out["mse"].numpy(), expected, rtol=1e-7)
     np.testing.assert_allclose(out["loss"].item(), (expected / (expected + 0.01)).mean(), rtol=1e-7)
+    # boundary rows at t < 1 get ||x_pred - x||^2 / t^2; all rows boundary: no JVP call at all
+    seen.clear()
+    every = torch.ones(7, dtype=torch.bool)
+    out = pmf_loss(predict, x, eps, t, r, jvp=jvp, boundary_rows=every)
+    assert len(seen) == 1
+    with torch.no_grad():
+        tb = t.view(-1, 1, 1, 1)
+        x_pred = net((1 - tb) * x + tb * eps, t, r)
+    np.testing.assert_allclose(out["mse"].numpy(), (((x_pred - x) / tb) ** 2).flatten(1).mean(1).numpy(), rtol=1e-10)
     with pytest.raises(ValueError, match="boundary_rows"):
         pmf_loss(predict, x, eps, t, r, boundary_rows=boundary[:3])
     with pytest.raises(ValueError, match="boundary_rows"):

@@ -123,6 +123,9 @@ def test_bad_input_is_named(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", str(root / "data"), "--out", str(tmp_path / "run"), "--seed", "-1"])
     assert exit_info.value.code == 2 and "argument --seed: must be >= 0 (got -1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(root / "data"), "--out", str(tmp_path / "run"), "--seed", "5000000"])
+    assert exit_info.value.code == 2 and "argument --seed: must be <= 4294965" in capsys.readouterr().err
     with pytest.raises(ValueError, match="one_step_target must be 'x' or 'pmf'"):
         _options(one_step_target="mean")
 
@@ -141,6 +144,34 @@ def test_a_non_finite_loss_stops_naming_the_step_and_the_loss(setup, tmp_path, m
     with pytest.raises(trainer.NonFiniteLossError, match=r"^step 1: loss 'pmf' is nan"):
         _run(setup, tmp_path / "nan", (1,), options=_options())
     assert not (tmp_path / "nan" / "stage1" / "checkpoint.pt").exists()
+
+
+def test_the_seed_sets_the_init_after_a_vae_trained_in_the_run(setup, tmp_path, monkeypatch):
+    """VAE training seeds itself; the U-Net's init must follow options.seed whether or not a VAE was trained."""
+    from musetalk_fast.train import pipeline
+
+    root, config = setup
+    real_build, seeds = pipeline.build_stage1_model, []
+
+    def provide(*args, **kwargs):
+        torch.manual_seed(0)  # what train_vae does
+        torch.rand(5)
+        return root / "vae"
+
+    def build(*args, **kwargs):
+        seeds.append((torch.initial_seed(), torch.get_rng_state()))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "provide_vae", provide)
+    monkeypatch.setattr(pipeline, "build_stage1_model", build)
+    for seed in (3, 3, 4):
+        run_train(root / "data", tmp_path / f"s{seed}-{len(seeds)}", config, stages=(1,), steps=1, progress=False,
+                  options=_options(seed=seed))
+    assert [s for s, _ in seeds] == [3, 3, 4]
+    assert torch.equal(seeds[0][1], torch.manual_seed(3).get_state())  # a fresh generator: nothing drawn since
+    assert not torch.equal(seeds[0][1], seeds[2][1])
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 4294965\]"):
+        _options(seed=-1)
 
 
 @pytest.mark.parametrize("target", ["x", "pmf"])
