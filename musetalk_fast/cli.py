@@ -98,9 +98,9 @@ def _add_train_vae(subcommands):
     parser.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
     parser.add_argument("--crop", type=int, default=None, help="crop size in pixels (default half the image)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    parser.add_argument("--color-jitter", type=float, default=0.0,
+    parser.add_argument("--color-jitter", type=float, default=None,
                         help="strength s of a random colour cast per training crop: channel gains e^U(-s,s), "
-                             "offsets U(-s/2,s/2); 0 = off (default 0; docs/model.md)")
+                             "offsets U(-s/2,s/2); 0 = off (default 0.4, train/vae.py VAETraining; docs/model.md)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -119,8 +119,9 @@ def _train_vae(args, parser):
             parser.error(f"argument {flag}: must be >= {low} (got {value})")
     if not args.lr > 0:
         parser.error(f"argument --lr: must be positive (got {args.lr})")
+    cast = VAETraining.color_jitter if args.color_jitter is None else args.color_jitter
     training = VAETraining(steps=args.steps, batch=args.batch, crop_size=args.crop, lr=args.lr, seed=args.seed,
-                           max_minutes=args.max_minutes, color_jitter=args.color_jitter)
+                           max_minutes=args.max_minutes, color_jitter=cast)
     try:
         report = run_train_vae(args.data, ModelConfig.named(args.config), args.out, training, force=args.force,
                                progress=not args.no_progress)

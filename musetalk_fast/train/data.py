@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sampling import clean_labels, pose_features, reference_candidates, sample_margin, speech_energy_db
+from .sampling import POSE_POOL, clean_labels, pose_features, reference_candidates, sample_margin, speech_energy_db
 
 
 @dataclass
@@ -30,11 +30,12 @@ class TrainClip:
 
 
 @torch.no_grad()
-def encode_clips(model, clips, margins=(0,), batch=32, clean=True):
+def encode_clips(model, clips, margins=(0,), batch=32, clean=True, pose_pool=POSE_POOL):
     """TrainClips of FolderClips (musetalk_fast.model.folder.read_folder at config.image_size, with ground truth;
     boxes in pixels of that size): frames through the
     model's VAE (the frame, and the frame masked with each margin), audio to log-mel windows. The codebook
-    must be fitted (fit_codebook). Returns (clips, label-cleaning counts summed over them)."""
+    must be fitted (fit_codebook); each frame's reference candidates come from its `pose_pool` closest poses
+    (sampling.reference_candidates). Returns (clips, label-cleaning counts summed over them)."""
     from ..model.audio import audio_features, frame_windows
     from ..model.vae import mask_lower_half, to_model_images
 
@@ -62,7 +63,7 @@ def encode_clips(model, clips, margins=(0,), batch=32, clean=True):
             totals[key] += counts[key]
         truth_pose = {"face_box": clip.truth["face_box"]} if "pose" not in clip.truth else \
             dict(zip(("roll", "yaw", "pitch", "scale", "tx", "ty"), clip.truth["pose"].T))
-        candidates = reference_candidates(pose_features(truth_pose), mouth_open)
+        candidates = reference_candidates(pose_features(truth_pose), mouth_open, pose_pool=pose_pool)
         codes = model.codebook.codes(windows[None])[0]
         out.append(TrainClip(clip.identity, clip.name, clip.frames, latents.float(), masked, windows, codes,
                              np.asarray(clip.truth["mouth_box"], np.float32), keep, candidates))

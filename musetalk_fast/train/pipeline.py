@@ -163,7 +163,8 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
             clips = add_margins(model, encoded[0], options.margins)
             counts = encoded[1]
         else:
-            clips, counts = encode_clips(model, train_clips, margins=options.margins if stage == 2 else (0,))
+            clips, counts = encode_clips(model, train_clips, margins=options.margins if stage == 2 else (0,),
+                                         pose_pool=options.reference_pose_pool)
         encoded = (clips, counts)
         history.info[f"stage{stage}_label_cleaning"] = counts
         history.info[f"stage{stage}_encode_seconds"] = time.perf_counter() - tick

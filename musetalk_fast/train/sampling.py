@@ -12,6 +12,11 @@ the reference mouth never solves the task and the mouth must come from the audio
 import numpy as np
 
 POSE_FIELDS = ("roll", "yaw", "pitch", "scale", "tx", "ty")
+# The pose pool trades pose match for mouth distance. A head moves with speech, so a silent frame's 8
+# closest poses are mostly silent frames: 29 % of the silent training targets of the tiny run's data drew
+# a reference opened < 0.1, which copying solves, and the U-Net learned to copy the reference mouth (an open
+# reference kept silent mouths open). With 32, none do (docs/train.md).
+POSE_POOL = 32
 
 
 def pose_features(truth):
@@ -29,7 +34,7 @@ def pose_features(truth):
     return (pose - pose.mean(0)) / (pose.std(0) + 1e-6)
 
 
-def reference_candidates(pose, mouth, min_gap=5, pose_pool=8, choose_from=3):
+def reference_candidates(pose, mouth, min_gap=5, pose_pool=POSE_POOL, choose_from=3):
     """The informative reference candidates of every frame, [T, choose_from] indices: among the frames
     at least `min_gap` away, the `pose_pool` with the closest pose (Euclidean over `pose` [T, P]); of
     those, the `choose_from` whose mouth opening (`mouth` [T]) differs most from the target's. A clip
@@ -52,7 +57,7 @@ def reference_candidates(pose, mouth, min_gap=5, pose_pool=8, choose_from=3):
     return out
 
 
-def informative_references(pose, mouth, rng, min_gap=5, pose_pool=8, choose_from=3):
+def informative_references(pose, mouth, rng, min_gap=5, pose_pool=POSE_POOL, choose_from=3):
     """One reference index per frame [T]: one of its reference_candidates, drawn with `rng` (numpy Generator)."""
     candidates = reference_candidates(pose, mouth, min_gap, pose_pool, choose_from)
     return candidates[np.arange(len(candidates)), rng.integers(0, candidates.shape[1], len(candidates))]

@@ -35,6 +35,7 @@ from .ema import EMA
 from .meanflow import pmf_loss, sample_times
 from .precision import autocast, use_fp8_linears
 from .report import History, write_report
+from .sampling import POSE_POOL
 
 
 MAX_SEED = (2 ** 32 - 1) // 1000 - 2  # stage k seeds numpy with seed * 1000 + k, which must stay below 2^32
@@ -67,6 +68,7 @@ class TrainOptions:
     sync_weight: float = 0.1        # stage 2: the SyncNet loss, ramped from 0 over sync_ramp of the steps
     sync_ramp: float = 0.5
     indexer_weight: float = 0.01    # the temporal attention's indexer KL loss (DSA), when the U-Net reports one
+    reference_pose_pool: int = POSE_POOL  # Informative Frame Sampling: references among this many closest poses
     max_margin: int = 16            # stage 2: Dynamic Margin Sampling's largest extra mask margin (pixels)
     checkpoint_every: int = 25
     eval_every: int = 0             # 0: evaluate at the end of the stage only
@@ -79,6 +81,8 @@ class TrainOptions:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
         if self.one_step_target not in ("x", "pmf"):
             raise ValueError(f"one_step_target must be 'x' or 'pmf' (got {self.one_step_target!r})")
+        if self.reference_pose_pool < 1:
+            raise ValueError(f"reference_pose_pool must be at least 1 (got {self.reference_pose_pool})")
 
     def to_dict(self):
         return asdict(self)

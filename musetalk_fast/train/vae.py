@@ -43,7 +43,7 @@ class VAETraining:
     seed: int = 0
     initial_logvar: float = -8.0  # the posterior's log-variance at the start (see train_vae)
     max_minutes: float = None  # stop early (after the step that crosses it)
-    color_jitter: float = 0.0  # per-crop random colour cast (see _jitter_colors); 0 = off
+    color_jitter: float = 0.4  # per-crop random colour cast (see _jitter_colors); 0 = off (docs/model.md)
 
 
 def _crop_origins(rng, count, size, crop, mouth_boxes):

@@ -51,3 +51,23 @@ def test_label_cleaning_drops_contradictions_and_counts_them():
     assert counts == {"speech_closed": 1, "silent_open": 1, "kept": 3, "frames": 5}
     with pytest.raises(ValueError, match="one value per frame"):
         clean_labels(energy[:2], mouth)
+
+
+def test_pose_pool_bounds_how_far_the_reference_mouth_can_be():
+    """The pose pool trades pose match for mouth distance. A head that moves with speech puts a silent
+    frame's closest poses among silent frames: a small pool gives it closed references (which copying
+    solves), a pool of the whole clip its most open frames (as an open reference at inference)."""
+    from musetalk_fast.train.sampling import reference_candidates
+
+    count = 80
+    speaking = (np.arange(count) // 20) % 2 == 1
+    rng = np.random.default_rng(2)
+    mouth = np.where(speaking, rng.uniform(0.3, 1.0, count), 0.0)
+    pose = np.stack([speaking * 2.0 + rng.normal(0, 0.1, count), rng.normal(0, 0.1, count)], 1)
+    small = reference_candidates(pose, mouth, pose_pool=8)
+    whole = reference_candidates(pose, mouth, pose_pool=count)
+    assert mouth[small[~speaking]].max() == 0.0
+    index = np.arange(count)
+    for i in np.flatnonzero(~speaking):
+        far = index[np.abs(index - i) >= 5]
+        assert sorted(mouth[whole[i]]) == sorted(np.sort(mouth[far])[-3:])

@@ -196,6 +196,38 @@ def test_one_step_rows_get_the_boundary_target_x_by_default(setup, tmp_path, mon
     assert any(bool(((t == 1) & (r == 0)).any()) for t, r, _ in calls)  # the seed draws one-step rows
 
 
+def test_reference_pose_pool_reaches_the_reference_candidates(setup, tmp_path, monkeypatch):
+    """TrainOptions.reference_pose_pool is the pose pool of every training clip's reference candidates."""
+    from musetalk_fast.train import data as train_data
+    from musetalk_fast.train.pipeline import build_stage1_model, read_data
+    from musetalk_fast.train.sampling import pose_features, reference_candidates
+
+    root, config = setup
+    train, _ = read_data(root / "data", config, 0)
+    model = build_stage1_model(config, root / "vae", train, "cpu")
+    for pool in (2, 1000):
+        clips, _ = train_data.encode_clips(model, train, pose_pool=pool)
+        for clip, folder_clip in zip(clips, train):
+            truth = folder_clip.truth
+            pose = dict(zip(("roll", "yaw", "pitch", "scale", "tx", "ty"), truth["pose"].T)) if "pose" in truth \
+                else {"face_box": truth["face_box"]}
+            expected = reference_candidates(pose_features(pose), truth["mouth"][:, 0], pose_pool=pool)
+            assert np.array_equal(clip.candidates, expected)
+    seen = []
+
+    def record(*args, pose_pool, **kwargs):
+        seen.append(pose_pool)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_data, "encode_clips", record)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(root / "data", tmp_path / "run", config, stages=(1,), steps=1, vae=root / "vae",
+                  options=TrainOptions(reference_pose_pool=5), progress=False)
+    assert seen == [5]
+    with pytest.raises(ValueError, match="reference_pose_pool"):
+        TrainOptions(reference_pose_pool=0)
+
+
 def test_stage2_adds_margins_to_the_latents_of_stage1(setup):
     """Stage 2 of a two-stage run encodes only the margins stage 1 did not: the same latents as encoding all."""
     from musetalk_fast.train.data import add_margins, encode_clips
