@@ -61,9 +61,7 @@ def encode_clips(model, clips, margins=(0,), batch=32, clean=True, pose_pool=POS
             counts = {"speech_closed": 0, "silent_open": 0, "kept": count, "frames": count}
         for key in totals:
             totals[key] += counts[key]
-        truth_pose = {"face_box": clip.truth["face_box"]} if "pose" not in clip.truth else \
-            dict(zip(("roll", "yaw", "pitch", "scale", "tx", "ty"), clip.truth["pose"].T))
-        candidates = reference_candidates(pose_features(truth_pose), mouth_open, pose_pool=pose_pool)
+        candidates = reference_candidates(pose_features(clip.truth), mouth_open, pose_pool=pose_pool)
         codes = model.codebook.codes(windows[None])[0]
         out.append(TrainClip(clip.identity, clip.name, clip.frames, latents.float(), masked, windows, codes,
                              np.asarray(clip.truth["mouth_box"], np.float32), keep, candidates))

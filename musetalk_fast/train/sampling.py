@@ -11,7 +11,8 @@ the reference mouth never solves the task and the mouth must come from the audio
 """
 import numpy as np
 
-POSE_FIELDS = ("roll", "yaw", "pitch", "scale", "tx", "ty")
+from ..data.clips import POSE_FIELDS
+
 # The pose pool trades pose match for mouth distance. A head moves with speech, so a silent frame's 8
 # closest poses are mostly silent frames: 29 % of the silent training targets of the tiny run's data drew
 # a reference opened < 0.1, which copying solves, and the U-Net learned to copy the reference mouth (an open
@@ -21,10 +22,15 @@ POSE_POOL = 32
 
 def pose_features(truth):
     """Per-frame pose [T, P] normalised per field by its spread over the clip (radians, scale and
-    pixels made comparable): the ground-truth pose fields when present, else the face box's centre
-    and size as a proxy (what a face tracker gives for real clips)."""
+    pixels made comparable): the ground-truth pose fields when present (one per key, or stacked as
+    "pose" [T, 6] in POSE_FIELDS order, as model.folder reads them), else the face box's centre and size as
+    a proxy (what a face tracker gives for real clips)."""
     if all(name in truth for name in POSE_FIELDS):
         pose = np.stack([np.asarray(truth[name], np.float64) for name in POSE_FIELDS], 1)
+    elif "pose" in truth:
+        pose = np.asarray(truth["pose"], np.float64)
+        if pose.ndim != 2 or pose.shape[1] != len(POSE_FIELDS):
+            raise ValueError(f"truth['pose'] must be [T, {len(POSE_FIELDS)}] ({', '.join(POSE_FIELDS)}; got {pose.shape})")
     elif "face_box" in truth:
         box = np.asarray(truth["face_box"], np.float64)
         pose = np.stack([(box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2,

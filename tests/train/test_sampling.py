@@ -32,6 +32,11 @@ def test_pose_features_from_truth_or_face_box():
     assert features.shape == (10, 6) and np.allclose(features.std(0), 1, atol=1e-3)
     boxes = np.stack([np.arange(10), np.zeros(10), np.arange(10) + 50, np.full(10, 60.0)], 1)
     assert pose_features({"face_box": boxes}).shape == (10, 4)
+    stacked = {"pose": np.stack([truth[name] for name in ("roll", "yaw", "pitch", "scale", "tx", "ty")], 1),
+               "face_box": boxes}  # as model.folder reads it: the pose fields win over the box
+    assert np.array_equal(pose_features(stacked), features)
+    with pytest.raises(ValueError, match=r"truth\['pose'\] must be \[T, 6\]"):
+        pose_features({"pose": np.zeros((10, 4))})
     with pytest.raises(ValueError, match="face_box"):
         pose_features({})
 

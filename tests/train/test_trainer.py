@@ -209,9 +209,7 @@ def test_reference_pose_pool_reaches_the_reference_candidates(setup, tmp_path, m
         clips, _ = train_data.encode_clips(model, train, pose_pool=pool)
         for clip, folder_clip in zip(clips, train):
             truth = folder_clip.truth
-            pose = dict(zip(("roll", "yaw", "pitch", "scale", "tx", "ty"), truth["pose"].T)) if "pose" in truth \
-                else {"face_box": truth["face_box"]}
-            expected = reference_candidates(pose_features(pose), truth["mouth"][:, 0], pose_pool=pool)
+            expected = reference_candidates(pose_features(truth), truth["mouth"][:, 0], pose_pool=pool)
             assert np.array_equal(clip.candidates, expected)
     seen = []
 
