@@ -97,7 +97,10 @@ def _attention_spec(kind, configs, match, config):
         constexprs.update(USE_TMA=True, GATE_TMA=True, HEAD_WISE_GATE=False)
     if kind == "fwd":
         constexprs["HAS_GATE"] = True
+    if config.get("SPLIT_D"):
+        constexprs["SPLIT_D"] = config["SPLIT_D"]
     blocks = " ".join(f"{k[6]}{v}" for k, v in config.items() if k.startswith("BLOCK_"))
+    blocks += f" split{config['SPLIT_D']}" if config.get("SPLIT_D") else ""
     label = f"gated_attention {kind} {match['dtype']} D{match['D']} {'causal' if match.get('causal') else 'full'} " \
             f"{blocks} w{config['num_warps']} s{config.get('num_stages', 1)}"
     return label, kernel, _attention_pointers(match["dtype"]), constexprs, config["num_warps"], config.get("num_stages", 1)
@@ -158,7 +161,8 @@ def kernel_specs(quick):
         for is_causal in (False, True):
             match = {"dtype": "bf16", "D": head_dim, "causal": is_causal}
             for kind, configs in attention.items():
-                for config in configs.space[:1] if quick else configs.space:  # what `make tune` may time
+                space = configs.space(match) if callable(configs.space) else configs.space
+                for config in space[:1] if quick else space:  # what `make tune` may time
                     label, *spec = _attention_spec(kind, configs, match, config)
                     specs.append((label + " [space]", *spec))
             if quick:
@@ -170,7 +174,7 @@ def kernel_specs(quick):
                 match = {"dtype": dtype, "D": head_dim, "causal": is_causal}
                 for kind, configs in attention.items():
                     specs.append(_attention_spec(kind, configs, match, configs.heuristic_config(match, H100_SHARED_BYTES)))
-                    if dtype == "bf16" and kind != "bwd_preprocess":  # the pointer path: its own heuristic
+                    if dtype != "fp16" and kind != "bwd_preprocess":  # the pointer path: its own heuristic
                         pointers = dict(match, tma=False)
                         label, *spec = _attention_spec(kind, configs, pointers,
                                                        configs.heuristic_config(pointers, H100_SHARED_BYTES))
@@ -350,6 +354,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one config per kernel")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--only", metavar="PREFIX", help="only the kernels whose label starts with PREFIX")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("hopper_compile: unset TRITON_INTERPRET (the interpreter does not compile kernels)")
@@ -357,6 +362,8 @@ def main(argv=None):
     rows, failures = [], 0
     print(f"{'kernel':<66}{'regs':>6}{'stack B':>9}{'spill B':>9}{'smem KB':>9}{'wgmma':>7}")
     for label, fn, pointers, constexprs, warps, stages, *divisible in kernel_specs(args.quick):
+        if args.only and not label.startswith(args.only):
+            continue
         try:
             usage = compile_sm90(fn, pointers, constexprs, warps, stages, *divisible)
         except Exception as error:  # report every failing kernel, then fail

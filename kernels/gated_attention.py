@@ -19,6 +19,13 @@ pre-gate O is needed:
    then `gated_attention_bwd_dq_kernel` (one program per query block, a fixed summation order)
    recomputes S and dP for dQ: 7 matmuls per block, no fp32 dQ buffer.
 
+Exact dtypes (float32 by FMA, float64 by DMMA: `ieee` matmuls) and the pointer path at D > 128: the
+backward can split the head dim (SPLIT_D, a third grid axis): each program makes SPLIT_D columns of
+dK, dV and dQ and sums S^T and dP^T over the whole head dim chunk by chunk from memory, so only
+[BLOCK_N, SPLIT_D] of K, dK and dV stay resident; (2 D / SPLIT_D + 3) block matmuls instead of 5. Their
+forward and dQ kernels sum the score matmuls over chunks of 16 dims (_dot_over_d). Without both, these
+paths kept 16-11000 B of stack frame (spilled registers) at any tile (sm_90 report).
+
 Data movement: where the layout allows (last dim contiguous, 16-byte aligned strides and base) the
 Q/K/V/dY tiles are loaded, and the O/dK/dV tiles stored, through tensor descriptors
 (tl.make_tensor_descriptor: TMA on Hopper), whose bounds checks are the hardware's; elsewhere
@@ -55,24 +62,52 @@ def _element_bytes(match):
     return {"fp64": 8, "fp32": 4}.get(match["dtype"], 2)
 
 
-def _attention_heuristic(fast_config):
-    """fast_config(match) for 2-byte dtypes; float32 and float64 (FMA matmuls, not tensor cores:
-    `ieee` precision: the exact paths, not the fast ones) take tiles of at most 64 (float64: 32)
-    over 8 warps, under 255 registers (sm_90 compile report, which still shows them a stack frame).
-    KernelConfigs shrinks each to the GPU's shared memory."""
+def _exact(match):
+    """float32 and float64 run the exact paths: `ieee` matmuls (FMA for float32, DMMA for float64), not
+    the tensor-core TF32/16-bit ones."""
+    return match["dtype"] in ("fp32", "fp64")
+
+
+def _attention_heuristic(fast_config, exact_config):
+    """fast_config(match) for 2-byte dtypes, exact_config(match) for float32 and float64: small tiles
+    chosen from the sm_90 compile report (no stack frame at D 16-256, either path). KernelConfigs
+    shrinks each to the GPU's shared memory."""
     def heuristic(match):
-        if match["dtype"] == "fp64":
-            return dict(fast_config(match), BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
-        if match["dtype"] == "fp32":
-            config = fast_config(match)
-            return dict(config, BLOCK_M=min(config["BLOCK_M"], 64), BLOCK_N=min(config["BLOCK_N"], 64), num_warps=8)
-        return fast_config(match)
+        return exact_config(match) if _exact(match) else fast_config(match)
 
     return heuristic
 
 
+def _exact_fwd_config(match):
+    """The scores sum over D in chunks of 16 (_dot_over_d). float32: 32 x 16 tiles at D <= 128 (64-row
+    blocks kept 48-1352 B of stack at D >= 128), 16 x 16 at D256; float64 16 x 16."""
+    rows = 32 if match["dtype"] == "fp32" and match["D"] <= 128 else 16
+    return _tiles((rows, 16, 8, 2))
+
+
+def _exact_bwd_config(match):
+    """The head-dim-split backward (SPLIT_D): 16 x 16 tiles, 8 warps; float32 in 32-dim chunks, float64
+    in 16-dim ones (32 kept 80-96 B of stack). Unsplit, a float32 [16, D] tile per resident tensor kept
+    16-560 B of stack at D >= 64, float64 120-11000 B at every D."""
+    return dict(_tiles((16, 16, 8, 1)), SPLIT_D=_split_d(match, 32 if match["dtype"] == "fp32" else 16))
+
+
+def _split_d(match, width):
+    return min(width, match["D"])
+
+
+def _exact_dq_config(match):
+    """As the forward: float32 32 x 16 at D <= 128, else 16 x 16 (64-row blocks: 1040 B of stack at D128)."""
+    return _exact_fwd_config(match)
+
+
 def _smallest(match):
     return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+
+
+def _bwd_smallest(match):
+    """The exact dtypes' backward is always head-dim split (the interpreter runs this config)."""
+    return dict(_smallest(match), SPLIT_D=_split_d(match, 16)) if _exact(match) else _smallest(match)
 
 
 def _tiles(config):
@@ -84,7 +119,7 @@ def _tiles(config):
 # descriptor (Hopper, aligned layouts; the gate too, or head-wise). The pointer path (pre-Hopper GPUs,
 # misaligned views) holds a 64-bit address per element of each tile it loads and needs smaller tiles:
 # the descriptor configs spilled 120-1700 B there (sm_90 report). All from the compile report, not
-# yet measured: no stack frame at bf16/fp16 D64, D128, D256, either path (the one exception below).
+# yet measured: no stack frame at bf16/fp16 D64, D128, D256, either path.
 
 def _fwd_config(match):
     """Descriptors: the old kernel's H100 winner at D128 full (128x128, 8 warps, 3 stages); causal
@@ -106,11 +141,13 @@ def _bwd_config(match):
     at D256; 8 warps. Registers (descriptors): D64 193-216, D128 220-230, D256 194-252. D128 with
     32-row blocks, or pipelined, spilled 8-104 B; D256 with 64-key blocks 130-650 B in every variant
     tried (gate by descriptor or per row, dV and dK in two passes, dQ by a separate kernel). The pointer
-    path at D256 keeps a 40-64 B stack frame even at 16 x 16 tiles: its only spilling config."""
+    path at D256 kept a 40-64 B stack frame even at 16 x 16 tiles; split into 64-dim chunks (SPLIT_D) it
+    takes 16 x 64 tiles at 205-209 registers, no stack, for 2.2x the matmul work (S^T and dP^T are made
+    once per chunk: 2 x 4 + 3 block matmuls instead of 5); not yet measured against the unsplit 16 x 16."""
     if match["D"] <= 64:
         return _tiles((32, 128, 8, 2))
     if not match.get("tma", True):
-        return _tiles((16, 32, 8, 1) if match["D"] <= 128 else (16, 16, 8, 1))
+        return _tiles((16, 32, 8, 1)) if match["D"] <= 128 else dict(_tiles((16, 64, 8, 1)), SPLIT_D=64)
     return _tiles((16, 128, 8, 1) if match["D"] <= 128 else (16, 32, 8, 1))
 
 
@@ -128,21 +165,26 @@ FWD = KernelConfigs(
     "gated_attention_fwd",
     space=[c for c in _attention_space([(128, 64), (128, 128), (64, 64), (128, 32)], (4, 8), (2, 3, 4))
            if c["BLOCK_N"] * c["num_stages"] < 512],  # 128x128 in 4 stages: 289 KB of shared memory at D128
-    heuristic=_attention_heuristic(_fwd_config),
+    heuristic=_attention_heuristic(_fwd_config, _exact_fwd_config),
     smallest=_smallest,
     shared=lambda c, match: (c["BLOCK_M"] + 2 * c["num_stages"] * c["BLOCK_N"]) * match["D"] * _element_bytes(match),
 )
 BWD = KernelConfigs(  # the fused dK/dV(/dQ) kernel: K, V resident, Q, dY, gate pipelined
     "gated_attention_bwd",
-    space=_attention_space([(16, 128), (32, 128), (64, 128), (64, 64), (32, 64), (16, 64), (16, 32)], (4, 8), (1, 2)),
-    heuristic=_attention_heuristic(_bwd_config),
-    smallest=_smallest,
+    space=lambda match: [dict(c, SPLIT_D=_split_d(match, width)) for c in _attention_space([(16, 16), (32, 16), (16, 32)],
+                                                                                          (4, 8), (1,))
+                         for width in (16, 32)] if _exact(match) else _attention_space(
+        [(16, 128), (32, 128), (64, 128), (64, 64), (32, 64), (16, 64), (16, 32)], (4, 8), (1, 2)) + (
+        [dict(c, SPLIT_D=64) for c in _attention_space([(16, 64), (32, 64), (16, 128)], (8,), (1,))]
+        if match["D"] > 128 and not match.get("tma", True) else []),
+    heuristic=_attention_heuristic(_bwd_config, _exact_bwd_config),
+    smallest=_bwd_smallest,
     shared=lambda c, match: (2 * c["BLOCK_N"] + 3 * c["num_stages"] * c["BLOCK_M"]) * match["D"] * _element_bytes(match),
 )
 DQ = KernelConfigs(  # deterministic mode's dQ kernel
     "gated_attention_bwd_dq",
     space=_attention_space([(128, 32), (128, 64), (64, 64), (64, 32)], (4, 8), (2, 3)),
-    heuristic=_attention_heuristic(_dq_config),
+    heuristic=_attention_heuristic(_dq_config, _exact_dq_config),
     smallest=_smallest,
     shared=lambda c, match: (3 * c["BLOCK_M"] + 2 * c["num_stages"] * c["BLOCK_N"]) * match["D"] * _element_bytes(match),
 )
@@ -267,13 +309,29 @@ def _sequence(Cu, b, dense_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _dot_over_d(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b^T for a [M, D], b [N, D]: the matmuls that sum over the head dim (scores, dP). The exact
+    paths (`ieee`: FMA, no tensor cores) run it as a batched dot over chunks of 16 dims summed after:
+    Triton's FMA lowering holds a thread's whole reduction row of both operands in registers, which
+    spilled at every tile at D >= 64 (sm_90 report)."""
+    if DOT_PRECISION == "ieee":
+        CHUNK: tl.constexpr = 16
+        chunks: tl.constexpr = a.shape[1] // CHUNK
+        a3 = tl.permute(tl.reshape(a, [a.shape[0], chunks, CHUNK]), [1, 0, 2])  # [chunks, M, CHUNK]
+        b3 = tl.permute(tl.reshape(b, [b.shape[0], chunks, CHUNK]), [1, 2, 0])  # [chunks, CHUNK, N]
+        return tl.sum(tl.dot(a3, b3, input_precision=DOT_PRECISION), axis=0)
+    else:
+        return tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _key_block(q, k_src, v_src, sk_s, sk_d, sv_s, sv_d, rows, dims, start_n, S, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """The key block at start_n: (k, v, base-2 scores [BLOCK_M, BLOCK_N]), scores -inf where masked."""
     k = _load_rows(k_src, start_n, S, sk_s, sk_d, dims, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
     v = _load_rows(v_src, start_n, S, sv_s, sv_d, dims, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    scores = _dot_over_d(q, k, DOT_PRECISION) * qk_scale
     if MASKED:
         keys = start_n + tl.arange(0, BLOCK_N)
         allowed = (keys < S)[None, :]
@@ -436,20 +494,69 @@ def _bwd_inner(dk, dv, k, v, keys, head, q_src, dy_src, g_src, lse_base, delta_b
         d_out = (dy.to(ACC) * s).to(q.dtype)  # dO = dY * s, fused into the load
         lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
-        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        scores_t = _dot_over_d(k, q, DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(scores_t - lse[None, :] * LOG2E_)
         allowed = (rows < L)[None, :]
         if IS_CAUSAL:
             allowed = allowed & (keys[:, None] <= rows[None, :])
         p_t = tl.where(allowed, p_t, 0.0)
         dv += tl.dot(p_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
+        dp_t = _dot_over_d(v, d_out, DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # softmax backward: dS = P * (dP - rowsum(dO * O))
         dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION) * scale  # [BLOCK_D, BLOCK_M]
             ptrs = dq_base + rows[None, :] * sa_l + dims[:, None]
             tl.atomic_add(ptrs, dq_t, mask=(rows < L)[None, :] & (dims < HEAD_DIM)[:, None], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_inner_split(dk, dv, k_c, keys, head, k_base, v_base, q_base, dy_base, g_base, lse_base, delta_base, dq_base,
+                     sk_s, sk_d, sv_s, sv_d, sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims_c,
+                     lo, hi, L, S, qk_scale, scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr, HEAD_WISE_GATE: tl.constexpr):
+    """_bwd_inner for the head-dim chunk dims_c (SPLIT_D wide) of dK, dV and dQ: S^T and dP^T still sum
+    over the whole head dim, chunk by chunk from memory (pointer loads; the tiles stay in L1/L2), so
+    only [BLOCK_N, SPLIT_D] of K, dK and dV stay resident. The exact dtypes' path: a float64 or FMA
+    float32 [BLOCK_N, D] tile per resident tensor spilled at D >= 64 in every tile (sm_90 report)."""
+    q_head = q_base + tl.cast(head, tl.int64) * sq_h
+    dy_head = dy_base + tl.cast(head, tl.int64) * sdy_h
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        scores_t = tl.zeros([BLOCK_N, BLOCK_M], ACC)
+        dp_t = tl.zeros([BLOCK_N, BLOCK_M], ACC)
+        for j in tl.range(0, HEAD_DIM, SPLIT_D, num_stages=1):  # S^T = K Q^T, dP^T = V dO^T over the whole head dim
+            dims = j + tl.arange(0, SPLIT_D)
+            k_j = _load_tile(k_base, keys, S, sk_s, sk_d, dims, HEAD_DIM, BLOCK_D, True)
+            q_j = _load_tile(q_head, rows, L, sq_l, sq_d, dims, HEAD_DIM, BLOCK_D, True)
+            scores_t += tl.dot(k_j, tl.trans(q_j), input_precision=DOT_PRECISION)
+            v_j = _load_tile(v_base, keys, S, sv_s, sv_d, dims, HEAD_DIM, BLOCK_D, True)
+            dy_j = _load_tile(dy_head, rows, L, sdy_l, sdy_d, dims, HEAD_DIM, BLOCK_D, True)
+            s_j = _gate_sigmoid(g_base, head, start_m, L, sg_h, sg_l, sg_d, dims, ACC, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                HEAD_WISE_GATE, False)
+            dp_t += tl.dot(v_j, tl.trans((dy_j.to(ACC) * s_j).to(v_j.dtype)), input_precision=DOT_PRECISION)
+        lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
+        p_t = tl.math.exp2(scores_t * qk_scale - lse[None, :] * LOG2E_)
+        allowed = (rows < L)[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (keys[:, None] <= rows[None, :])
+        p_t = tl.where(allowed, p_t, 0.0)
+        q_c = _load_tile(q_head, rows, L, sq_l, sq_d, dims_c, HEAD_DIM, BLOCK_D, True)
+        dy_c = _load_tile(dy_head, rows, L, sdy_l, sdy_d, dims_c, HEAD_DIM, BLOCK_D, True)
+        s_c = _gate_sigmoid(g_base, head, start_m, L, sg_h, sg_l, sg_d, dims_c, ACC, BLOCK_M, HEAD_DIM, BLOCK_D,
+                            HEAD_WISE_GATE, False)
+        d_out_c = (dy_c.to(ACC) * s_c).to(q_c.dtype)
+        dv += tl.dot(p_t.to(q_c.dtype), d_out_c, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_c.dtype)
+        dk += tl.dot(ds_t, q_c, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq_t = tl.dot(tl.trans(k_c), ds_t, input_precision=DOT_PRECISION) * scale  # [SPLIT_D, BLOCK_M]
+            ptrs = dq_base + rows[None, :] * sa_l + dims_c[:, None]
+            tl.atomic_add(ptrs, dq_t, mask=(rows < L)[None, :] & (dims_c < HEAD_DIM)[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -468,10 +575,11 @@ def gated_attention_bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr = True, VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
-    HEAD_WISE_GATE: tl.constexpr = False, GATE_TMA: tl.constexpr = False,
+    HEAD_WISE_GATE: tl.constexpr = False, GATE_TMA: tl.constexpr = False, SPLIT_D: tl.constexpr = 0,
 ):
-    """Grid (sequences * Hkv, key blocks). dV = sum P^T dO and dK = scale * sum dS^T Q over the
-    group's query heads; dQacc (fp32, unit dim stride) += scale * dS K when ATOMIC_DQ."""
+    """Grid (sequences * Hkv, key blocks, head-dim chunks). dV = sum P^T dO and dK = scale * sum dS^T Q
+    over the group's query heads; dQacc (fp32, unit dim stride) += scale * dS K when ATOMIC_DQ. SPLIT_D > 0:
+    each program makes the SPLIT_D columns of chunk program_id(2) (_bwd_inner_split, pointer loads)."""
     pid_bkv = tl.program_id(0).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     start_n = tl.program_id(1) * BLOCK_N  # ascending: causal key blocks longest first
     b = pid_bkv // H_KV
@@ -481,6 +589,33 @@ def gated_attention_bwd_kernel(
     if start_n >= S:  # varlen: a sequence shorter than the longest
         return
     keys = start_n + tl.arange(0, BLOCK_N)
+    lo = 0
+    if IS_CAUSAL:  # queries before the key block's first key see none of it (top-left causal)
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    h0 = kv_h * GROUP  # the group's query heads h0 .. h0 + GROUP - 1: one descriptor each for Q, dY, gate
+    if SPLIT_D:
+        dims_c = tl.program_id(2) * SPLIT_D + tl.arange(0, SPLIT_D)
+        k_base = K + b * sk_b + kv_h * sk_h + k_start * sk_s
+        v_base = V + b * sv_b + kv_h * sv_h + k_start * sv_s
+        k_c = _load_tile(k_base, keys, S, sk_s, sk_d, dims_c, HEAD_DIM, BLOCK_D, True)
+        dk = tl.zeros([BLOCK_N, SPLIT_D], ACC)
+        dv = tl.zeros([BLOCK_N, SPLIT_D], ACC)
+        for g in range(GROUP):
+            h = h0 + g
+            dk, dv = _bwd_inner_split(
+                dk, dv, k_c, keys, g, k_base, v_base, Q + b * sq_b + h0 * sq_h + q_start * sq_l,
+                dY + b * sdy_b + h0 * sdy_h + q_start * sdy_l, G + b * sg_b + h0 * sg_h + q_start * sg_l,
+                Lse + b * sl_b + h * sl_h + q_start, Delta + b * sl_b + h * sl_h + q_start,
+                dQacc + b * sa_b + h * sa_h + q_start * sa_l,
+                sk_s, sk_d, sv_s, sv_d, sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims_c,
+                lo, L, L, S, qk_scale, scale, HEAD_DIM, BLOCK_D, SPLIT_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                ACC, ATOMIC_DQ, HEAD_WISE_GATE)
+        base = b * sdk_b + kv_h * sdk_h + k_start * sdk_s
+        _store_rows(dK + base, start_n, S, sdk_s, (dk * scale).to(dK.dtype.element_ty), dims_c, BLOCK_N, HEAD_DIM,
+                    BLOCK_D, False)
+        _store_rows(dV + base, start_n, S, sdk_s, dv.to(dV.dtype.element_ty), dims_c, BLOCK_N, HEAD_DIM, BLOCK_D,
+                    False)
+        return
     dims = tl.arange(0, BLOCK_D)
     k_src = _rows_source(K + b * sk_b + kv_h * sk_h + k_start * sk_s, S, sk_s, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
     v_src = _rows_source(V + b * sv_b + kv_h * sv_h + k_start * sv_s, S, sv_s, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
@@ -488,10 +623,6 @@ def gated_attention_bwd_kernel(
     v = _load_rows(v_src, start_n, S, sv_s, sv_d, dims, BLOCK_N, HEAD_DIM, BLOCK_D, True, USE_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    lo = 0
-    if IS_CAUSAL:  # queries before the key block's first key see none of it (top-left causal)
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    h0 = kv_h * GROUP  # the group's query heads h0 .. h0 + GROUP - 1: one descriptor each for Q, dY, gate
     q_src = _heads_source(Q + b * sq_b + h0 * sq_h + q_start * sq_l, GROUP, L, sq_h, sq_l, BLOCK_M, HEAD_DIM,
                           BLOCK_D, USE_TMA)
     dy_src = _heads_source(dY + b * sdy_b + h0 * sdy_h + q_start * sdy_l, GROUP, L, sdy_h, sdy_l, BLOCK_M, HEAD_DIM,
@@ -526,7 +657,7 @@ def _dq_inner(dq, q, d_out, lse, delta, k_src, v_src, sk_s, sk_d, sv_s, sv_d, ro
         k, v, scores = _key_block(q, k_src, v_src, sk_s, sk_d, sv_s, sv_d, rows, dims, start_n, S, qk_scale,
                                   HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_N, MASKED, USE_TMA)
         p = tl.math.exp2(scores - lse[:, None])  # masked scores are -inf: p = 0 there
-        dp = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = _dot_over_d(d_out, v, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
@@ -762,7 +893,9 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
         constexprs, options = split_options(config)
         if not deterministic:  # zeroed per launch: the tuner may launch it many times
             dq_acc.zero_()
-        return gated_attention_bwd_kernel[(batch * kv_heads, triton.cdiv(a["kv_len"], config["BLOCK_N"]))](
+        split = config.get("SPLIT_D", 0)  # head-dim chunks, one program each
+        grid = (batch * kv_heads, triton.cdiv(a["kv_len"], config["BLOCK_N"]), triton.cdiv(meta["HEAD_DIM"], split) if split else 1)
+        return gated_attention_bwd_kernel[grid](
             q, k, v, g, grad_out, lse, delta, dq_acc, dk, dv, a["cu_q"], a["cu_k"], *common,
             *_rows_strides(dq_acc, packed)[:3], *_rows_strides(dk, packed)[:3],
             heads, kv_heads, a["q_len"], a["kv_len"], heads // kv_heads, qk_scale, a["scale"],

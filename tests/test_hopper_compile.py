@@ -32,16 +32,17 @@ def test_kernels_compile_for_sm90():
             assert fields[-4] == "0", f"stack spill: {line}"
         if line.startswith("lightning_indexer") and fields[2] in ("fp8", "bf16", "fp16"):  # the fast paths
             assert fields[-4] == "0", f"stack spill: {line}"
-    # Gated attention's 16-bit heuristic configs (forward, fused backward, deterministic dQ, the
-    # preprocess; bf16 at D64, D128 and D256, fp16 at D128; dense and varlen; tensor descriptors and
-    # the pointer path) keep every tile in registers or shared memory: no stack frame. The one
-    # exception, documented in kernels/gated_attention.py: the pointer-path backward at D256 (< 64 B).
-    half = [line for line in lines if line.startswith("gated_attention") and line.split()[2] in ("bf16", "fp16")
-            and "[space]" not in line]  # search-space candidates: `make tune` skips those that spill
-    assert {line.split()[3] for line in half} >= {"D64", "D128", "D256"} and any(" ptr " in f"{line} " for line in half)
-    spilling = [line for line in half if line.split()[-4] != "0"]
-    assert all(line.startswith("gated_attention bwd bf16 D256") and " ptr" in line and int(line.split()[-4]) < 64
-               for line in spilling), spilling
+    # Gated attention's heuristic configs (forward, fused backward, deterministic dQ, the preprocess;
+    # bf16 at D64, D128 and D256, fp16, fp32 and fp64 at D128; dense and varlen; tensor descriptors and
+    # the pointer path, the head-dim-split backward of float32, float64 and the bf16 pointer path at
+    # D256) keep every tile in registers or shared memory: no stack frame.
+    attention = [line for line in lines if line.startswith("gated_attention")
+                 and "[space]" not in line]  # search-space candidates: `make tune` skips those that spill
+    assert {line.split()[3] for line in attention} >= {"D64", "D128", "D256"}
+    assert any(" ptr" in line and " split" in line for line in attention)
+    assert {line.split()[2] for line in attention if " split" in line} >= {"bf16", "fp32", "fp64"}
+    spilling = [line for line in attention if line.split()[-4] != "0"]
+    assert not spilling, spilling
     assert {line.split()[1] + " " + line.split()[2] for line in lines if line.startswith("mhc")} >= {
         "pre fwd", "post fwd", "post bwd", "pre bwd"}
     # The lightning indexer's fp8 x fp8 tl.dot (and the fused top-k's) runs on wgmma too.

@@ -9,7 +9,8 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
-from tests.helpers import DEVICES, HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+from tests.helpers import (DEVICES, HAS_CUDA, TRITON_INTERPRETED, assert_close_to_reference, backend_device,
+                           kernel_backends, seeded)
 
 
 def random_cases(count, seed, max_len):
@@ -315,6 +316,50 @@ def test_deterministic_backward_matches_reference_and_repeats_bitwise(backend, c
     for name, g, again, e in zip(NAMES, *runs, exact):
         assert_close_to_reference(g, e, name=name, atol=2e-5, rtol=1e-5)
         assert torch.equal(g, again), name
+
+
+SPLIT_CASES = [  # (dtype, case): the head dim split into chunks by the backward's shipped config
+    (torch.float32, (1, 4, 2, 37, 29, 80, True, False, False)),  # D 80 in 32-dim chunks: a ragged last one
+    (torch.float64, (1, 2, 1, 20, 35, 40, False, True, True)),  # 16-dim chunks, head-wise gate, transposed
+    (torch.bfloat16, (1, 2, 1, 19, 33, 196, True, False, False)),  # rows of 392 B: pointer path, D256 in 64s
+]
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton kernels on CPU tensors")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("dtype,case", SPLIT_CASES, ids=str)
+def test_shipped_configs_with_a_split_head_dim(monkeypatch, dtype, case, deterministic):
+    """The configs a GPU gets (the heuristic) instead of the interpreter's smallest ones, where the
+    backward splits the head dim (SPLIT_D): float32 and float64 (16 x 16 tiles), and the bf16 pointer
+    path at D256 (16 x 64 tiles); against the float64 reference."""
+    from musetalk_fast.kernels import gated_attention as ga
+
+    for configs in (ga.FWD, ga.BWD, ga.DQ):
+        monkeypatch.setattr(configs, "smallest", lambda match, configs=configs: configs.heuristic_config(match))
+        monkeypatch.setattr(configs, "_chosen", {})
+    q, k, v, gate = make_inputs(case, dtype, "cpu", seed=15)
+    match = dict(dtype=ga.DTYPE_NAMES[dtype], D=triton_block(case[5]), causal=case[6],
+                 tma=ga._descriptors_allowed(q, k, v))
+    assert ga.BWD.heuristic_config(match)["SPLIT_D"] < match["D"]  # the head dim is split
+    grad = torch.randn(q.shape, generator=seeded(16), dtype=torch.float64).to(dtype)
+    out, lse = ga.gated_attention_forward(q, k, v, gate, case[6])
+    got = (out, *ga.gated_attention_backward(grad, q, k, v, gate, out, lse, case[6], deterministic=deterministic))
+    exact = reference_outputs(q, k, v, gate, grad, case[6], torch.float64)
+    if dtype == torch.bfloat16:
+        same_math = reference_outputs(q, k, v, gate, grad, case[6], dtype)
+        by_design = saved_output_rounding_error(q, k, v, gate, grad, case[6], dtype)
+        for name, g, e, same, extra in zip(NAMES, got, exact, same_math, by_design):
+            assert g.dtype == dtype
+            assert_close_to_reference(g, e, same, name=name, extra_allowance=extra)
+        return
+    for name, g, e in zip(NAMES, got, exact):
+        assert g.dtype == dtype
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+        assert_close_to_reference(g, e, name=name, atol=2 * tolerance, rtol=tolerance)
+
+
+def triton_block(head_dim):
+    return max(1 << (head_dim - 1).bit_length(), 16)
 
 
 def test_deterministic_mode_follows_torch():
