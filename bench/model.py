@@ -3,13 +3,19 @@ with the same weights on musetalk_fast/reference.py (musetalk_fast.ops.use_refer
 
     unet train step     forward + backward of the x-prediction loss (MSE to the clean latent, plus the
                         temporal indexer's KL loss), bf16 autocast over fp32 weights on a GPU; B clips of
-                        clip_frames frames. (The trainer's pMF step adds its JVP's forwards on top.)
+                        clip_frames frames.
+    pmf train step      the trainer's stage-1 step (train/trainer.py compute_losses with its defaults): audio
+                        encoder, the pMF loss with its finite-difference JVP (three U-Net forwards), VAE
+                        decode of two samples for the image, L1 and mouth losses, backward; the same
+                        autocast, clips and gradient checkpointing as the trainer. Issue 14's goal (H100):
+                        ours >= 1.5x faster than reference ops.
     inference           one-step generation of 20 frames (one clip, F = 20, t = 1, r = 0) with the model in
                         bf16: audio encoding + U-Net + VAE decode to pixels; the row's items_per_s is FPS.
 
 Default config on a GPU, tiny (float32) on the CPU. FLOPs (2 per multiply-add) are counted by
 musetalk_fast.model.costs on the reference ops at the benchmark's shapes; the roofline is the matmul peak.
-Issue 13's goals (H100): inference >= 200 FPS; train step ours >= 1.5x faster than reference ops.
+Issue 13's goals (H100): inference >= 200 FPS; train step ours >= 1.5x faster than reference ops (issue 14:
+the same for the pmf train step).
 """
 import copy
 
@@ -75,6 +81,46 @@ class MediaParts:
         return torch.randn(batch, frames, audio.window_mels, audio.n_mels, generator=generator).to(device, dtype)
 
 
+def pmf_step_case(config, name, clips, device, autocast_dtype, generator):
+    """(step fn, shape label) of the trainer's stage-1 step on a random-initialised MuseTalk and a random
+    batch shaped as ClipSampler.draw's."""
+    from musetalk_fast.model.musetalk import MuseTalk
+    from musetalk_fast.train.image_losses import ImageLoss
+    from musetalk_fast.train.trainer import TrainOptions, compute_losses, flow_times, set_stage
+
+    options = TrainOptions(batch=clips, bf16=autocast_dtype is not None)
+    model = MuseTalk(config)
+    set_stage(model, 1)
+    model.unet.gradient_checkpointing = options.grad_checkpointing
+    model = model.to(device)
+    frames, size, audio = config.clip_frames, config.image_size, config.audio
+    latent = (clips, frames, config.vae.latent_channels, config.latent_size, config.latent_size)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    box = torch.tensor([size // 4, size * 5 // 8, size * 3 // 4, size * 7 // 8])
+    batch = dict(x=randn(*latent), masked=randn(*latent), reference=randn(*latent),
+                 windows=randn(clips, frames, audio.window_mels, audio.n_mels),
+                 codes=torch.randint(0, audio.codes, (clips, frames), generator=generator).to(device),
+                 pixels=(torch.rand(clips, frames, 3, size, size, generator=generator) * 2 - 1).to(device),
+                 mouth_box=box.expand(clips, frames, 4).to(device), margin=torch.zeros(clips, dtype=torch.int64))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        t, r = flow_times(clips, options)
+    t, r, eps = t.to(device), r.to(device), randn(*latent)
+    image_loss = ImageLoss().to(device)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            losses, weights, _ = compute_losses(model, batch, t, r, eps, options, image_loss)
+        sum(weights[name] * value.float() for name, value in losses.items()).backward()
+
+    precision = f"amp-{str(autocast_dtype).replace('torch.', '')}" if autocast_dtype else "float32"
+    return run, f"{name} B={clips} F={frames} {size}px {precision}"
+
+
 def generate_frames(unet, media, inputs):
     """Log-mel windows -> audio tokens and codes, the U-Net at t = 1, r = 0 from noise, VAE decode -> pixels."""
     from musetalk_fast.model.vae import decode
@@ -117,10 +163,15 @@ def cases(device, inference_frames=INFERENCE_FRAMES):
     generate_flops = count_flops(generate)
     generate_shape = f"{name} F={inference_frames} {config.image_size}^2 {str(dtype).replace('torch.', '')}"
 
+    pmf_step, pmf_shape = pmf_step_case(config, name, clips, device, autocast_dtype, generator)
+    pmf_flops = count_flops(pmf_step)
+
     roofline = "bf16" if device == "cuda" else "fp32"
     return [
         Case("unet train step", step_shape, {"ours": step}, {"reference ops": on_reference_ops(step)},
              flops=step_flops, roofline=roofline),
+        Case("pmf train step", pmf_shape, {"ours": pmf_step}, {"reference ops": on_reference_ops(pmf_step)},
+             flops=pmf_flops, roofline=roofline),
         Case("inference audio+unet+vae", generate_shape, {"ours": generate},
              {"reference ops": on_reference_ops(generate)}, flops=generate_flops, roofline=roofline,
              items=inference_frames),

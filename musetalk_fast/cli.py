@@ -7,6 +7,7 @@
     musetalk-fast prepare --data DIR --vae VAE --out SHARDS [--config tiny]   # latents + audio to .npy shards
     musetalk-fast generate --video V --audio A --out O.mp4 (--checkpoint C | --config tiny) [--force] [--batch 20]
     musetalk-fast train --data D --out RUN [--config tiny] [--stage 1|2] [--steps N] [--resume] [--vae V] [--syncnet S] [--seed N]
+        [--objective pmf|l1] [--perceptual-vgg VGG16.pth [--perceptual-lpips LPIPS.pth]] [--fp8]
     musetalk-fast train-syncnet --data D --out SYNCNET [--config tiny] [--steps N]  # the lip-sync expert (docs/train.md)
     musetalk-fast eval --checkpoint C --data D [--split test]   # mouth measured in generated pixels (docs/train.md)
 """
@@ -255,6 +256,14 @@ def _add_train(subcommands):
                         help="the U-Net's init, batches, times and noise (default 0; a VAE or SyncNet trained here keeps 0)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
     parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
+    parser.add_argument("--objective", choices=("pmf", "l1"), default="pmf",
+                        help="pmf: pixel MeanFlow (default); l1: MuseTalk 1.5's one-step L1 + perceptual "
+                             "regression, the comparison row (docs/train.md)")
+    parser.add_argument("--perceptual-vgg", metavar="PATH",
+                        help="local torchvision vgg16 weights (.pth/.safetensors): LPIPS replaces the default "
+                             "MS-SSIM + gradient image loss; nothing is downloaded")
+    parser.add_argument("--perceptual-lpips", metavar="PATH",
+                        help="the LPIPS project's vgg.pth (learned channel weights; with --perceptual-vgg)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     _add_threads(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -279,8 +288,11 @@ def _train(args, parser):
             parser.error(f"argument {flag}: must be >= {low} (got {value})")
     if args.seed is not None and args.seed > MAX_SEED:
         parser.error(f"argument --seed: must be <= {MAX_SEED} (got {args.seed})")
+    if args.perceptual_lpips and not args.perceptual_vgg:
+        parser.error("argument --perceptual-lpips: needs --perceptual-vgg (the VGG16 its channel weights apply to)")
     _set_threads(args, parser)
-    options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8)
+    options = TrainOptions(bf16=not args.no_bf16, fp8=args.fp8, objective=args.objective,
+                           perceptual_vgg=args.perceptual_vgg, perceptual_lpips=args.perceptual_lpips)
     overrides = {"batch": args.batch, "lr": args.lr, "eval_every": args.eval_every, "seed": args.seed}
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     try:

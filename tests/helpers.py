@@ -50,3 +50,18 @@ def assert_close_to_reference(got, exact, same_math_at_dtype=None, name="output"
     assert error <= 2 * baseline + 2 * extra_allowance + 1e-2 * max(scale, 1.0), (
         f"{name}: max error {error:.3e} vs PyTorch-at-dtype error {baseline:.3e} (reference max {scale:.3e})"
     )
+
+
+def save_random_vgg16(path):
+    """A torchvision vgg16 "features" state dict with random weights, as a .safetensors file at `path`
+    (what VGGPerceptual / --perceptual-vgg read; the real weights are never downloaded in the tests)."""
+    from safetensors.torch import save_file
+
+    layers, channels = [], 3
+    for item in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(2))
+        else:
+            layers += [torch.nn.Conv2d(channels, item, 3, padding=1), torch.nn.ReLU()]
+            channels = item
+    save_file({f"features.{k}": v for k, v in torch.nn.Sequential(*layers).state_dict().items()}, str(path))

@@ -10,7 +10,7 @@
 - `gradient_loss(x, y)`: L1 distance of the horizontal and vertical finite differences: it penalises blurred
   or misplaced edges (lip contours, teeth) that a plain L1 tolerates.
 - `ImageLoss`: w_ssim (1 - MS-SSIM) + w_grad gradient loss [+ w_perceptual perceptual], the documented
-  default perceptual loss of the trainer.
+  default perceptual loss of the trainer; `trainer_image_loss(vgg_path, lpips_path)` picks the trainer's.
 - `VGGPerceptual(vgg_path, lpips_path=None)`: LPIPS (Zhang et al. 2018) on a VGG16 whose weights are read from
   a local file (torchvision's vgg16 state dict, .pth or .safetensors; only `features.*` is used); with
   `lpips_path` (the LPIPS project's vgg.pth: lin0..lin4) the learned channel weights, else every channel
@@ -114,10 +114,25 @@ class ImageLoss(nn.Module):
         self.perceptual = perceptual
 
     def forward(self, x, y):
-        loss = self.ssim_weight * (1 - ms_ssim(x, y)).mean() + self.gradient_weight * gradient_loss(x, y)
+        loss = 0.0
+        if self.ssim_weight:
+            loss = loss + self.ssim_weight * (1 - ms_ssim(x, y)).mean()
+        if self.gradient_weight:
+            loss = loss + self.gradient_weight * gradient_loss(x, y)
         if self.perceptual is not None:
             loss = loss + self.perceptual_weight * self.perceptual(x, y).mean()
         return loss
+
+
+def trainer_image_loss(vgg_path=None, lpips_path=None):
+    """The trainer's image loss: LPIPS (VGGPerceptual) alone when local VGG16 weights are given, with the
+    LPIPS project's learned channel weights when `lpips_path` is given too; otherwise the documented
+    MS-SSIM + gradient loss (ImageLoss's default). Nothing is downloaded."""
+    if vgg_path is None:
+        if lpips_path is not None:
+            raise ValueError("lpips_path needs vgg_path (the VGG16 its channel weights apply to)")
+        return ImageLoss()
+    return ImageLoss(ssim_weight=0.0, gradient_weight=0.0, perceptual=VGGPerceptual(vgg_path, lpips_path))
 
 
 # torchvision's vgg16 "features": (out channels or "M" for max pooling); LPIPS reads relu1_2 .. relu5_3.

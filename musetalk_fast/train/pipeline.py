@@ -102,6 +102,21 @@ def provide_syncnet(syncnet, train_clips, config, out, progress):
     return load_syncnet(path, map_location="cpu" if not torch.cuda.is_available() else "cuda")
 
 
+def build_image_loss(options):
+    """The image loss of options.perceptual_vgg/perceptual_lpips (image_losses.trainer_image_loss), loaded
+    before any training so a bad weights file is named at once."""
+    from .image_losses import trainer_image_loss
+
+    try:
+        return trainer_image_loss(options.perceptual_vgg, options.perceptual_lpips)
+    except ValueError as error:  # "vgg_path ..." / "lpips_path ...": the flags are --perceptual-vgg/-lpips
+        what, _, reason = str(error).partition(" ")
+        flag = {"vgg_path": "perceptual-vgg", "lpips_path": "perceptual-lpips"}.get(what)
+        if flag is None:
+            raise
+        raise TrainArgumentError(flag, reason) from error
+
+
 def config_name(config):
     from ..model.config import CONFIGS
 
@@ -134,6 +149,7 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
     out.mkdir(parents=True, exist_ok=True)
     name = config_name(config)
     train_clips, eval_clips = read_data(data, config, options.eval_clips)
+    image_loss = build_image_loss(options)
     history = History()
     started = time.perf_counter()
     encoded = None  # (TrainClips, label-cleaning counts) of the last stage
@@ -174,7 +190,8 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
               f"{counts['silent_open']} silence with an open one)")
         tick = time.perf_counter()
         train_stage(model, stage, clips, eval_clips, out, stage_steps, options, resume_run=resume,
-                    syncnet=frozen_syncnet, progress=progress, history=history, callback=callback)
+                    syncnet=frozen_syncnet, image_loss=image_loss, progress=progress, history=history,
+                    callback=callback)
         history.info[f"stage{stage}_train_seconds"] = time.perf_counter() - tick
     history.info["total_seconds"] = time.perf_counter() - started
     history.info["config"] = name

@@ -43,6 +43,10 @@ def use_fp8_linears(model):
                     linear.weight.copy_(child.weight)
                     if child.bias is not None:
                         linear.bias.copy_(child.bias)
+                for mine, theirs in ((linear.weight, child.weight), (linear.bias, child.bias)):
+                    if theirs is not None:  # a frozen linear (stage 1's Engram) stays frozen
+                        mine.requires_grad_(theirs.requires_grad)
+                linear.train(child.training)
                 setattr(module, name, linear)
                 swapped += 1
     return swapped, lambda: te.fp8_autocast(enabled=True)

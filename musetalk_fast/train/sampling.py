@@ -1,8 +1,9 @@
 """What the trainer feeds the U-Net: the reference frame of each target (Informative Frame Sampling),
 a random extra margin of the mask in stage 2 (Dynamic Margin Sampling) and the frames it
-leaves out (label cleaning). All of it works from per-frame ground truth (docs/data.md) or, for
-real clips without it, proxies: the face box for the pose, the mouth gap measured in the pixels
-(musetalk_fast.data.realism) for the opening, the audio RMS for speech.
+leaves out (label cleaning). These functions take per-frame arrays: the ground truth of docs/data.md, or
+proxies of it (the face box for the pose, a mouth gap measured in the pixels for the opening; speech is
+the audio's RMS either way). The trainer passes the ground truth: data.encode_clips refuses a clip without
+its <clip>.json, since its evaluation needs the true opening too.
 
 Informative Frame Sampling (MuseTalk 1.5): a reference frame whose head pose is close to the
 target's (so the network need not re-pose the face) but whose mouth is far from it (so copying

@@ -10,6 +10,8 @@ come from the audio). The Engram memory is frozen (its gate
 stays at zero, so the U-Net learns without it). References come from Informative Frame Sampling.
 Stage 2 (refinement): from the stage-1 model, the Engram unfrozen, the frozen SyncNet's lip-sync loss
 added with a weight ramped linearly from 0, and Dynamic Margin Sampling of the mask; pMF kept.
+`objective="l1"` (the comparison row) replaces pMF in both stages by MuseTalk 1.5's one-step L1 regression
+(one_step_l1); the pixel losses stay.
 
 Both: AdamW with a linear warm-up, gradient clipping, EMA weights (evaluated and saved), bf16 autocast
 (CPU too; `bf16=False` turns it off), gradient checkpointing, optional Transformer Engine fp8 linears, a
@@ -55,6 +57,9 @@ class TrainOptions:
     bf16: bool = True               # autocast to bfloat16 (CPU and GPU)
     grad_checkpointing: bool = True
     fp8: bool = False               # Transformer Engine fp8 linears when importable
+    objective: str = "pmf"          # "pmf" (pixel MeanFlow) or "l1": MuseTalk 1.5's one-step L1 regression
+    perceptual_vgg: str = None      # local torchvision vgg16 weights: LPIPS replaces MS-SSIM + gradient
+    perceptual_lpips: str = None    # local LPIPS vgg.pth (its learned channel weights; needs perceptual_vgg)
     equal_share: float = 0.9        # share of rows with r = t (MeanFlow: 0.75 on ImageNet; docs/train.md: why 0.9)
     time_mean: float = -0.4         # logit-normal (t, r) sampler
     time_std: float = 1.0
@@ -79,6 +84,10 @@ class TrainOptions:
     def __post_init__(self):
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
+        if self.objective not in ("pmf", "l1"):
+            raise ValueError(f"objective must be 'pmf' or 'l1' (got {self.objective!r})")
+        if self.perceptual_lpips is not None and self.perceptual_vgg is None:
+            raise ValueError("perceptual_lpips needs perceptual_vgg (the VGG16 its channel weights apply to)")
         if self.one_step_target not in ("x", "pmf"):
             raise ValueError(f"one_step_target must be 'x' or 'pmf' (got {self.one_step_target!r})")
         if self.reference_pose_pool < 1:
@@ -113,7 +122,9 @@ def set_stage(model, stage):
 
 def flow_times(batch, options):
     """(t, r) [B]: logit-normal with a share of r = t (meanflow.sample_times), and a share of rows at
-    exactly (1, 0), the one-step generation of inference."""
+    exactly (1, 0), the one-step generation of inference. The "l1" objective trains only that one step."""
+    if options.objective == "l1":
+        return torch.ones(batch), torch.zeros(batch)
     t, r = sample_times(batch, mean=options.time_mean, std=options.time_std, equal_share=options.equal_share)
     one_step = torch.rand(batch) < options.one_step_share
     return torch.where(one_step, torch.ones_like(t), t), torch.where(one_step, torch.zeros_like(r), r)
@@ -145,9 +156,13 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     # At (1, 0) the pMF residual is -dx_pred/dt whatever x_pred is (meanflow.py): a constant output scores 0,
     # and a run has kept the untrained network's flat field there (docs/train.md). "x" gives those
     # rows the r = t target, ||x_pred - x||^2: the conditional mean, which the image losses below sharpen.
-    boundary = one_step if options.one_step_target == "x" else None
-    out = pmf_loss(predict_x, batch["x"], eps, t, r, boundary_rows=boundary)
-    losses = {"pmf": out["loss"]}
+    if options.objective == "l1":
+        out = one_step_l1(predict_x, batch["x"], eps)
+        losses = {"latent_l1": out["loss"]}
+    else:
+        boundary = one_step if options.one_step_target == "x" else None
+        out = pmf_loss(predict_x, batch["x"], eps, t, r, boundary_rows=boundary)
+        losses = {"pmf": out["loss"]}
     # Decoding is the step's dearest part (at 128 px the VAE decoder costs more per frame than the tiny
     # U-Net): options.image_samples samples of the (i.i.d.) batch are decoded, the one-step rows (t, r) =
     # (1, 0) first. The image loss takes those with t < image_t_max (pMF's perceptual range, where x_pred is
@@ -174,10 +189,21 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
             losses["sync"] = sync_loss(syncnet, lower_half(pixels), batch["windows"][chosen])
     if extra.get("indexer") is not None:
         losses["indexer"] = extra["indexer"]
-    weights = {"pmf": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "l1": options.l1_weight,
+    weights = {"pmf": 1.0, "latent_l1": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "l1": options.l1_weight,
                "sync": sync_weight,
                "indexer": options.indexer_weight}
     return losses, weights, out["mse"]
+
+
+def one_step_l1(predict_x, x, eps):
+    """MuseTalk 1.5's reconstruction (the "l1" objective, the comparison row of docs/train.md): the one-step
+    generation x_pred = U-Net(z = eps, t = 1, r = 0), as inference runs it, regressed on the clean latent with
+    an L1 loss; no flow, no JVP. The trainer adds the same L1, mouth and perceptual losses on decoded pixels.
+    Returns pmf_loss's keys: loss, mse (per sample, detached; logged as pmf_mse), x_pred."""
+    ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
+    x_pred = predict_x(eps, ones, ones * 0)
+    error = x_pred.float() - x.float()
+    return {"loss": error.abs().mean(), "mse": error.detach().square().flatten(1).mean(1), "x_pred": x_pred}
 
 
 def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resume_run=False, syncnet=None,
@@ -189,19 +215,20 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
     folder = Path(out) / f"stage{stage}"
     folder.mkdir(parents=True, exist_ok=True)
     history = history if history is not None else History()
-    if image_loss is None:
-        from .image_losses import ImageLoss
-
-        image_loss = ImageLoss()
     device = next(model.unet.parameters()).device
+    if image_loss is None:
+        from .image_losses import trainer_image_loss
+
+        image_loss = trainer_image_loss(options.perceptual_vgg, options.perceptual_lpips)
+    image_loss = image_loss.to(device)
 
     # --- the model, the optimizer and their schedule
-    set_stage(model, stage)
-    model.unet.gradient_checkpointing = options.grad_checkpointing
     forward_context = None
-    if options.fp8:
+    if options.fp8:  # before set_stage, which then freezes the swapped linears of the Engram in stage 1
         swapped, forward_context = use_fp8_linears(model.unet)
         history.info[f"stage{stage}_fp8_linears"] = swapped
+    set_stage(model, stage)
+    model.unet.gradient_checkpointing = options.grad_checkpointing
     trainable = trainable_modules(model)
     parameters = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=options.lr if stage == 1 else options.stage2_lr,
@@ -264,7 +291,8 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
         history.log(step, stage, loss_total=total.item(), **{f"loss_{k}": v.item() for k, v in losses.items()},
                     pmf_mse=mse.mean().item(), grad_norm=norm.item(), lr=scheduler.get_last_lr()[0],
                     sync_weight=sync_weight, seconds=seconds)
-        bar.set_postfix(loss=f"{total.item():.3f}", pmf=f"{losses['pmf'].item():.3f}")
+        main = "pmf" if "pmf" in losses else "latent_l1"
+        bar.set_postfix(loss=f"{total.item():.3f}", **{main: f"{losses[main].item():.3f}"})
         bar.update(1)
         if step % options.checkpoint_every == 0 or step == steps:
             save(step)
@@ -298,6 +326,7 @@ def ema_model(model, ema):
     init, from a forked generator: evaluating leaves the training's random stream as it was."""
     with torch.random.fork_rng(devices=[]):
         copied = type(model)(model.config)
-    copied.load_state_dict(model.state_dict())
+    # Transformer Engine linears (--fp8) carry an fp8 "_extra_state" the plain copy has no place for
+    copied.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")})
     ema.copy_to(trainable_modules(copied))
     return copied.to(next(model.unet.parameters()).device)

@@ -6,6 +6,7 @@ import torch
 
 from musetalk_fast.train.image_losses import (MS_SSIM_WEIGHTS, ImageLoss, VGGPerceptual, gradient_loss, ms_ssim,
                                               psnr, ssim)
+from tests.helpers import save_random_vgg16
 
 
 def ssim_terms_numpy(x, y):
@@ -62,15 +63,7 @@ def test_vgg_perceptual_from_local_weights(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    layers, channels = [], 3  # torchvision's vgg16 "features" with random weights
-    for item in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-        if item == "M":
-            layers.append(torch.nn.MaxPool2d(2))
-        else:
-            layers += [torch.nn.Conv2d(channels, item, 3, padding=1), torch.nn.ReLU()]
-            channels = item
-    state = {f"features.{k}": v for k, v in torch.nn.Sequential(*layers).state_dict().items()}
-    save_file(state, str(tmp_path / "vgg16.safetensors"))
+    save_random_vgg16(tmp_path / "vgg16.safetensors")
     loss = VGGPerceptual(tmp_path / "vgg16.safetensors")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert loss(x, x).abs().max() < 1e-6

@@ -214,11 +214,14 @@ def test_model_benchmark_cases_run():
     """bench/model.py's rows build and run on the CPU (tiny config); timings are the benchmark's job."""
     from musetalk_fast.bench import model as bench
 
-    step, generate = bench.cases("cpu", inference_frames=2)
-    assert step.flops > 0 and generate.flops > 0 and generate.items == 2
+    step, pmf_step, generate = bench.cases("cpu", inference_frames=2)
+    assert step.flops > 0 and pmf_step.flops > step.flops and generate.flops > 0 and generate.items == 2
+    assert pmf_step.op == "pmf train step"
     step.ours["ours"]()
     step.baselines["reference ops"]()
     assert not ops.reference_ops_enabled()
+    pmf_step.ours["ours"]()
+    pmf_step.baselines["reference ops"]()
     images = generate.ours["ours"]()
     assert images.shape == (1, 2, 3, CONFIG.image_size, CONFIG.image_size)
 
