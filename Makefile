@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RESULTS ?= bench/results
 
-.PHONY: install bench cmake test gpu-check gpu-wheels tune
+.PHONY: install bench cmake test gpu-check gpu-wheels tune gpu-train
 
 # torch is never left to pip's resolver: an existing torch (e.g. a CUDA build) is kept, and a bare
 # machine gets the pinned CPU wheel. Triton 3.6 matches the GPU machines (and its CPU interpreter
@@ -55,3 +55,11 @@ gpu-wheels:
 tune:
 	$(PIP) install --no-build-isolation --no-deps -e .
 	$(PYTHON) -m musetalk_fast.bench.tune
+
+# Issue 14's training goal on this machine's GPU: data, VAE, SyncNet, then both stages from scratch with the
+# pMF objective and with the MuseTalk-1.5 comparison objective, timed and evaluated
+# ($(RESULTS)/train/<gpu>-goal.json and a report PNG per run; docs/train.md).
+gpu-train:
+	@if ls .whl/*.whl >/dev/null 2>&1; then $(PIP) install -q --no-index --no-deps --no-compile .whl/*.whl; fi
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m musetalk_fast.bench.train_goal --results $(RESULTS)

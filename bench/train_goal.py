@@ -1,0 +1,112 @@
+"""Issue 14's training goal on this machine's device as one command (`make gpu-train` on a GPU): synthetic
+data, a VAE and a SyncNet trained once, then stage 1 + stage 2 from scratch twice, each run timed and
+evaluated on the held-out identities (the mouth measured in the generated pixels, `musetalk-fast eval`):
+
+    pmf   the trainer's default objective (pixel MeanFlow; docs/train.md)
+    l1    the comparison row: MuseTalk 1.5's one-step L1 + perceptual objective (`--objective l1`)
+
+    python -m musetalk_fast.bench.train_goal [--results bench/results] [--work build/train-goal] [--quick]
+
+Writes <results>/train/<device>-goal.json (the commands, wall seconds of every phase, the metrics of both
+runs on the val and test identities) and each run's report.png beside it. Goals (H100): both stages
+within 8 minutes, opening correlation >= 0.8 and >= 90 % closed mouths on silent frames. The step counts
+below are a first guess for an H100 (no GPU has run this yet): the JSON says how long they took, and
+`--steps1/--steps2` change them. `--quick` is the few-step version the tests run on a CPU.
+"""
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+RUNS = {"pmf": [], "l1": ["--objective", "l1"]}
+GOALS = {"train_seconds": 8 * 60, "opening_correlation": 0.8, "silent_closed_share": 0.9}
+
+
+def timed(argv):
+    """Run `musetalk-fast argv` in this process; its wall seconds (a non-zero exit raises)."""
+    from musetalk_fast.cli import main
+
+    start = time.perf_counter()
+    code = main([str(a) for a in argv])
+    if code:
+        raise SystemExit(f"musetalk-fast {' '.join(map(str, argv))} exited with {code}")
+    return time.perf_counter() - start
+
+
+def evaluate(model, data, split, out):
+    timed(["eval", "--checkpoint", model, "--data", data, "--split", split, "--json", out])
+    return json.loads(Path(out).read_text())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="bench/results", help="folder of the committed results")
+    parser.add_argument("--work", default="build/train-goal", help="data and runs (replaced)")
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--identities", type=int, default=24)
+    parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--syncnet-steps", type=int, default=600)
+    parser.add_argument("--steps1", type=int, default=2000, help="stage 1 steps")
+    parser.add_argument("--steps2", type=int, default=600, help="stage 2 steps")
+    parser.add_argument("--quick", action="store_true", help="a few steps on little data (the tests' CPU run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.identities, args.clips, args.seconds = 6, 1, 1.5
+        args.vae_steps, args.syncnet_steps, args.steps1, args.steps2 = 2, 2, 2, 2
+
+    import torch
+
+    from .run import device_name
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    data, vae, syncnet = work / "data", work / "vae", work / "syncnet.pt"
+    progress = ["--no-progress"]
+    seconds = {"data": timed(["make-data", "--identities", args.identities, "--clips", args.clips, "--seconds",
+                              args.seconds, "--seed", 7, "--out", data, *progress])}
+    seconds["vae"] = timed(["train-vae", "--data", data, "--out", vae, "--config", args.config,
+                            "--steps", args.vae_steps, *progress])
+    seconds["syncnet"] = timed(["train-syncnet", "--data", data, "--out", syncnet, "--config", args.config,
+                                "--steps", args.syncnet_steps, *progress])
+    results = Path(args.results) / "train"
+    results.mkdir(parents=True, exist_ok=True)
+    name = f"{device_name(device)}-goal"
+    runs = {}
+    for run, extra in RUNS.items():
+        out = work / run
+        base = ["train", "--config", args.config, "--data", data, "--out", out, "--vae", vae, "--syncnet", syncnet,
+                *extra, *progress]
+        train = timed([*base, "--stage", 1, "--steps", args.steps1])
+        train += timed([*base, "--stage", 2, "--steps", args.steps2])
+        metrics = {split: evaluate(out / "stage2" / "model.pt", data, split, work / f"{run}-{split}.json")
+                   for split in ("val", "test")}
+        runs[run] = {"train_seconds": train, "metrics": metrics, "report": f"{name}-{run}.png",
+                     "goals_met": goals_met(train, metrics)}
+        shutil.copy(out / "report.png", results / f"{name}-{run}.png")
+        print(f"{run}: both stages {train:.0f} s; " + "; ".join(
+            f"{split} correlation {m['opening_correlation']:.3f}, closed {m['silent_closed_share']:.1%}"
+            for split, m in metrics.items()))
+    summary = {"command": "python -m musetalk_fast.bench.train_goal " + " ".join(sys.argv[1:] if argv is None
+                                                                                  else argv),
+               "device": device_name(device), "torch": torch.__version__, "options": vars(args),
+               "seconds": seconds, "runs": runs, "goals": GOALS}
+    path = results / f"{name}.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {path}")
+    return summary
+
+
+def goals_met(train_seconds, metrics):
+    """Each goal against the worse of the val and test identities."""
+    worst = {key: min(m[key] for m in metrics.values()) for key in ("opening_correlation", "silent_closed_share")}
+    return {"train_seconds": train_seconds <= GOALS["train_seconds"],
+            **{key: worst[key] >= GOALS[key] for key in worst}}
+
+
+if __name__ == "__main__":
+    main()
