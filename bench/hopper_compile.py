@@ -269,7 +269,10 @@ def _indexer_specs(quick):
 
     keys = [("fp8", 64), ("fp8", 32)] if quick else [(d, h) for d in ("fp8", "bf16", "fp16", "fp32", "fp64")
                                                      for h in (1, 3, 32, 64, 128)]
-    for dtype, heads in keys + ([("bf16", 64), ("fp32", 16), ("fp64", 8)] if quick else []):
+    # --quick adds the exact dtypes where spills were found: fp32 and fp64 at 1 and 3 heads (the fused
+    # top-k) and at 128 (the backward, heads split in chunks of 32)
+    exact = [("fp32", 1), ("fp64", 3), ("fp32", 128), ("fp64", 128)]
+    for dtype, heads in keys + ([("bf16", 64)] + exact if quick else []):
         match = {"dtype": dtype, "HP": li.triton.next_power_of_2(heads), "D": 128}
         acc_type = "*fp64" if dtype == "fp64" else "*fp32"
         data = {"q_ptr": INDEXER_TYPES[dtype], "k_ptr": INDEXER_TYPES[dtype]}

@@ -10,7 +10,10 @@ Backward (floating inputs), with r = q[t, h] . k[s], g[t, s] the masked output g
     dweights[t, h] = sum_s g k_scale[s] relu(r)          dq[t, h] = sum_s g k_scale[s] w[t, h] [r > 0] k[s]
     dk_scale[s]    = sum_t g sum_h w[t, h] relu(r)       dk[s]    = sum_{t, h} g k_scale[s] w[t, h] [r > 0] q[t, h]
 one kernel per query block (dq, dweights) and one per key block (dk, dk_scale), recomputing r, so
-neither needs atomics.
+neither needs atomics. The exact dtypes' backward (float32 by FMA, float64 by DMMA: `ieee` matmuls)
+reads q's and k's rows for r in 16-dim chunks (_scores) and, past 32 heads, takes the heads 32 at a
+time (BLOCK_H: dq splits them over a second grid axis, dk loops over them), so that no thread holds a
+whole reduction row over D or over 128 heads.
 """
 import torch
 import triton
@@ -23,17 +26,25 @@ AMAX_FLOOR = tl.constexpr(1e-4)  # DeepGEMM's floor (musetalk_fast/reference.py 
 
 
 @triton.jit
-def _query_block(q_ptr, w_ptr, pid_t, T, H, stride_qt, stride_qh, stride_wt,
-                 HP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr):
-    """The block's queries as rows m = t_local * HP + h: q [BLOCK_T * HP, D] and weights [BLOCK_T * HP]."""
-    m = tl.arange(0, BLOCK_T * HP)
-    token = pid_t * BLOCK_T + m // HP
-    head = m % HP
-    ok = (token < T) & (head < H)
+def _query_rows(pid_t, h0, T, H, HEADS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows m = t_local * HEADS + h of the block's queries and heads h0 .. h0 + HEADS: token, head, and
+    whether the row is real (not past T or H)."""
+    m = tl.arange(0, BLOCK_T * HEADS)
+    token = pid_t * BLOCK_T + m // HEADS
+    head = h0 + m % HEADS
+    return token, head, (token < T) & (head < H)
+
+
+@triton.jit
+def _query_block(q_ptr, w_ptr, pid_t, h0, T, H, stride_qt, stride_qh, stride_wt,
+                 HEADS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr):
+    """The block's queries as rows m = t_local * HEADS + h (_query_rows): q [BLOCK_T * HEADS, D], weights
+    [BLOCK_T * HEADS], and the rows' offsets into q (-1 for padding rows) for _scores."""
+    token, head, ok = _query_rows(pid_t, h0, T, H, HEADS, BLOCK_T)
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + tl.arange(0, D)[None, :],
                 mask=ok[:, None], other=0.0)
     w = tl.load(w_ptr + token * stride_wt + head, mask=ok, other=0.0).to(ACC)
-    return q, w
+    return q, w, tl.where(ok, token * stride_qt + head * stride_qh, -1)
 
 
 @triton.jit
@@ -46,9 +57,23 @@ def _key_range(ks_ptr, ke_ptr, pid_t, T, S, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """r = q @ k^T: [M, BLOCK_S] in ACC (fp8 x fp8 and bf16 x bf16 on the tensor cores)."""
-    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC)
+def _scores(a, b, a_ptr, a_rows, b_ptr, b_rows, D: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """r = a @ b^T in ACC for row tiles a [M, D] and b [N, D] (q and k, or k and q). fp8 x fp8 and
+    bf16 x bf16 multiply the loaded tiles on the tensor cores. The exact dtypes (`ieee`: FMA float32,
+    DMMA float64) read the same rows from memory (offsets a_rows, b_rows; -1 for a zero row) in 16-dim
+    chunks and sum their products (the loaded tiles are then unused, and not loaded): a tl.dot over
+    the whole D holds each thread's reduction row of both operands in registers, which spilled in the
+    backward at D128 (8-392 B of stack, sm_90 report)."""
+    if DOT_PRECISION == "ieee":
+        r = tl.zeros((a_rows.shape[0], b_rows.shape[0]), ACC)
+        for start in tl.range(0, D, 16):
+            dims = start + tl.arange(0, 16)[None, :]
+            a_c = tl.load(a_ptr + a_rows[:, None] + dims, mask=(a_rows >= 0)[:, None], other=0.0)
+            b_c = tl.load(b_ptr + b_rows[:, None] + dims, mask=(b_rows >= 0)[:, None], other=0.0)
+            r += tl.dot(a_c, tl.trans(b_c), input_precision="ieee", out_dtype=ACC)
+        return r
+    else:
+        return tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -57,7 +82,8 @@ def _indexer_tile(q, w, k_ptr, k_scale_ptr, cols, S, stride_k, lo, hi,
                   ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Logits [BLOCK_T, BLOCK_S] of the key tile `cols`, -inf outside each row's [lo, hi)."""
     k = tl.load(k_ptr + cols[:, None] * stride_k + tl.arange(0, D)[None, :], mask=(cols < S)[:, None], other=0.0)
-    weighted = tl.maximum(_scores(q, k, DOT_PRECISION, ACC), 0.0) * w[:, None]  # relu, then the head's weight
+    r = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC)  # q @ k^T
+    weighted = tl.maximum(r, 0.0) * w[:, None]  # relu, then the head's weight
     logits = tl.sum(tl.reshape(weighted, (BLOCK_T, HP, BLOCK_S)), axis=1)
     logits = logits * tl.load(k_scale_ptr + cols, mask=cols < S, other=0.0).to(ACC)[None, :]
     inside = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
@@ -71,7 +97,7 @@ def lightning_indexer_fwd_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_pt
                                  ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_t = tl.program_id(0)
     rows, lo, hi, block_lo, block_hi = _key_range(ks_ptr, ke_ptr, pid_t, T, S, BLOCK_T)
-    q, w = _query_block(q_ptr, w_ptr, pid_t, T, H, stride_qt, stride_qh, stride_wt, HP, D, BLOCK_T, ACC)
+    q, w, _ = _query_block(q_ptr, w_ptr, pid_t, 0, T, H, stride_qt, stride_qh, stride_wt, HP, D, BLOCK_T, ACC)
     first_tile = tl.program_id(1) * tiles_per_program
     for tile in tl.range(first_tile, first_tile + tiles_per_program):
         cols = tile * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -90,28 +116,31 @@ def lightning_indexer_fwd_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_pt
 def lightning_indexer_bwd_dq_kernel(grad_ptr, q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, dq_ptr, dw_ptr,
                                     T, S, H, stride_qt, stride_qh, stride_k, stride_wt,
                                     HP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                    BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                    BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                    BLOCK_H: tl.constexpr = 0):
+    """BLOCK_H > 0: program (i, j) makes the rows of heads j * BLOCK_H .. (j + 1) * BLOCK_H (each (t, h)
+    row of dq and dweights is independent of the other heads); 0: all HP heads."""
+    HEADS: tl.constexpr = BLOCK_H if BLOCK_H > 0 else HP
     pid_t = tl.program_id(0)
+    h0 = tl.program_id(1) * BLOCK_H if BLOCK_H > 0 else 0
     rows, lo, hi, block_lo, block_hi = _key_range(ks_ptr, ke_ptr, pid_t, T, S, BLOCK_T)
-    q, w = _query_block(q_ptr, w_ptr, pid_t, T, H, stride_qt, stride_qh, stride_wt, HP, D, BLOCK_T, ACC)
-    dq = tl.zeros((BLOCK_T * HP, D), dtype=ACC)
-    dw = tl.zeros((BLOCK_T * HP,), dtype=ACC)
+    q, w, q_rows = _query_block(q_ptr, w_ptr, pid_t, h0, T, H, stride_qt, stride_qh, stride_wt, HEADS, D, BLOCK_T,
+                                ACC)
+    dq = tl.zeros((BLOCK_T * HEADS, D), dtype=ACC)
+    dw = tl.zeros((BLOCK_T * HEADS,), dtype=ACC)
     for start in tl.range((block_lo // BLOCK_S) * BLOCK_S, block_hi, BLOCK_S):
         cols = start + tl.arange(0, BLOCK_S)
         k = tl.load(k_ptr + cols[:, None] * stride_k + tl.arange(0, D)[None, :], mask=(cols < S)[:, None], other=0.0)
-        r = _scores(q, k, DOT_PRECISION, ACC)
+        r = _scores(q, k, q_ptr, q_rows, k_ptr, tl.where(cols < S, cols * stride_k, -1), D, ACC, DOT_PRECISION)
         inside = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & (rows < T)[:, None]
         g = tl.load(grad_ptr + rows[:, None].to(tl.int64) * S + cols[None, :], mask=inside, other=0.0).to(ACC)
         g = g * tl.load(k_scale_ptr + cols, mask=cols < S, other=0.0).to(ACC)[None, :]
-        g = tl.reshape(tl.broadcast_to(g[:, None, :], (BLOCK_T, HP, BLOCK_S)), (BLOCK_T * HP, BLOCK_S))
+        g = tl.reshape(tl.broadcast_to(g[:, None, :], (BLOCK_T, HEADS, BLOCK_S)), (BLOCK_T * HEADS, BLOCK_S))
         positive = r > 0
         dw += tl.sum(tl.where(positive, g * r, 0.0), axis=1)
         p = tl.where(positive, g * w[:, None], 0.0)
         dq += tl.dot(p.to(k.dtype), k, input_precision=DOT_PRECISION, out_dtype=ACC)
-    m = tl.arange(0, BLOCK_T * HP)
-    token = pid_t * BLOCK_T + m // HP
-    head = m % HP
-    ok = (token < T) & (head < H)
+    token, head, ok = _query_rows(pid_t, h0, T, H, HEADS, BLOCK_T)
     tl.store(dq_ptr + (token[:, None] * H + head[:, None]) * D + tl.arange(0, D)[None, :], dq, mask=ok[:, None])
     tl.store(dw_ptr + token * H + head, dw, mask=ok)
 
@@ -120,9 +149,14 @@ def lightning_indexer_bwd_dq_kernel(grad_ptr, q_ptr, k_ptr, k_scale_ptr, w_ptr, 
 def lightning_indexer_bwd_dk_kernel(grad_ptr, q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, dk_ptr, dks_ptr,
                                     T, S, H, stride_qt, stride_qh, stride_k, stride_wt,
                                     HP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                    BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                    BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                    BLOCK_H: tl.constexpr = 0):
+    """BLOCK_H > 0: each query block's heads in chunks of BLOCK_H (the sums over (t, h) are split over
+    (t, h-chunk) matmuls: smaller [BLOCK_S, rows] tiles at 128 heads); 0: all HP at once."""
+    HEADS: tl.constexpr = BLOCK_H if BLOCK_H > 0 else HP
     cols = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     k = tl.load(k_ptr + cols[:, None] * stride_k + tl.arange(0, D)[None, :], mask=(cols < S)[:, None], other=0.0)
+    k_rows = tl.where(cols < S, cols * stride_k, -1)
     k_scale = tl.load(k_scale_ptr + cols, mask=cols < S, other=0.0).to(ACC)
     dk = tl.zeros((BLOCK_S, D), dtype=ACC)
     dks = tl.zeros((BLOCK_S,), dtype=ACC)
@@ -130,14 +164,16 @@ def lightning_indexer_bwd_dk_kernel(grad_ptr, q_ptr, k_ptr, k_scale_ptr, w_ptr, 
     for pid_t in tl.range(0, tl.cdiv(T, BLOCK_T)):
         rows, lo, hi, block_lo, block_hi = _key_range(ks_ptr, ke_ptr, pid_t, T, S, BLOCK_T)
         if (tile_lo < block_hi) & (tile_lo + BLOCK_S > block_lo):
-            q, w = _query_block(q_ptr, w_ptr, pid_t, T, H, stride_qt, stride_qh, stride_wt, HP, D, BLOCK_T, ACC)
-            r = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC)  # [BLOCK_S, M]
-            inside = (cols[:, None] >= lo[None, :]) & (cols[:, None] < hi[None, :]) & (rows < T)[None, :]
-            g = tl.load(grad_ptr + rows[None, :].to(tl.int64) * S + cols[:, None], mask=inside, other=0.0).to(ACC)
-            g = tl.reshape(tl.broadcast_to(g[:, :, None], (BLOCK_S, BLOCK_T, HP)), (BLOCK_S, BLOCK_T * HP))
-            gw = tl.where(r > 0, g * w[None, :], 0.0)
-            dks += tl.sum(gw * r, axis=1)
-            dk += tl.dot((gw * k_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION, out_dtype=ACC)
+            for h0 in tl.range(0, HP, HEADS):  # one pass unless BLOCK_H splits the heads
+                q, w, q_rows = _query_block(q_ptr, w_ptr, pid_t, h0, T, H, stride_qt, stride_qh, stride_wt, HEADS, D,
+                                            BLOCK_T, ACC)
+                r = _scores(k, q, k_ptr, k_rows, q_ptr, q_rows, D, ACC, DOT_PRECISION)  # [BLOCK_S, rows]
+                inside = (cols[:, None] >= lo[None, :]) & (cols[:, None] < hi[None, :]) & (rows < T)[None, :]
+                g = tl.load(grad_ptr + rows[None, :].to(tl.int64) * S + cols[:, None], mask=inside, other=0.0).to(ACC)
+                g = tl.reshape(tl.broadcast_to(g[:, :, None], (BLOCK_S, BLOCK_T, HEADS)), (BLOCK_S, BLOCK_T * HEADS))
+                gw = tl.where(r > 0, g * w[None, :], 0.0)
+                dks += tl.sum(gw * r, axis=1)
+                dk += tl.dot((gw * k_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION, out_dtype=ACC)
     tl.store(dk_ptr + cols[:, None] * D + tl.arange(0, D)[None, :], dk, mask=(cols < S)[:, None])
     tl.store(dks_ptr + cols, dks, mask=cols < S)
 
@@ -172,20 +208,26 @@ def fp8_quantize_kernel(x_ptr, out_ptr, scale_ptr, blocks, size,
 
 
 def _indexer_heuristic(kind):
-    """About 128 (query, head) rows per program: the M of one Hopper wgmma pair; key tiles of 128 (the
-    exact fp32/fp64 paths, which do not use tensor cores: 32 rows, 32 keys, 16 past 32 heads). Where the sm_90 compile report
-    showed a stack frame at fp8/bf16/fp16 the tiles shrink (not yet measured on a GPU; every choice below
-    compiles without a stack there): with few heads (HP < 32) a block holds many queries, whose
-    [BLOCK_T, BLOCK_S] logits and gradients take 64-key tiles (fwd, dq; dq also 64 rows at H1); the dk
-    kernel keeps dK [BLOCK_S, D] and a [BLOCK_S, rows] score tile resident: 64 rows x 64 keys, 32 keys
-    over 4 warps at H128."""
+    """About 128 (query, head) rows per program: the M of one Hopper wgmma pair; key tiles of 128. Where the
+    sm_90 compile report showed a stack frame at fp8/bf16/fp16 the tiles shrink (not yet measured on a
+    GPU; every choice below compiles without a stack there): with few heads (HP < 32) a block holds many
+    queries, whose [BLOCK_T, BLOCK_S] logits and gradients take 64-key tiles (fwd, dq; dq also 64 rows at
+    H1); the dk kernel keeps dK [BLOCK_S, D] and a [BLOCK_S, rows] score tile resident: 64 rows x 64
+    keys, 32 keys over 4 warps at H128.
+    The exact fp32/fp64 paths (FMA and DMMA matmuls, no wgmma) take 32 rows: the forward 32 keys, 16
+    past 32 heads; the backward 32 keys at every H (float32 dq 16: at 32 it sat at 128 registers and
+    spilled 8 B at H1), past 32 heads in chunks of 32 (BLOCK_H: dq splits them over programs, dk
+    loops over them), so that its matmuls over the rows (dK += (g w) q) and its dQ tile stay 32 rows:
+    with all 64 or 128 heads at once they spilled 8-392 B (sm_90 report)."""
     def heuristic(match):
         hp = match["HP"]
-        if match["dtype"] not in ("fp8", "bf16", "fp16"):  # FMA matmuls: 32 rows (or one query's heads)
-            block_s = 32 if hp <= 32 else 16
-            # float64 dk at 128 heads: 8 warps' layout conversions take 272 KB of shared memory, 4 take 208
-            warps = 4 if kind == "dk" and match["dtype"] == "fp64" and hp >= 128 else 8
-            return dict(BLOCK_T=max(1, 32 // hp), BLOCK_S=block_s, num_warps=warps, num_stages=2 if block_s == 32 else 1)
+        if match["dtype"] not in ("fp8", "bf16", "fp16"):
+            if kind == "fwd":
+                block_s = 32 if hp <= 32 else 16
+                return dict(BLOCK_T=max(1, 32 // hp), BLOCK_S=block_s, num_warps=8, num_stages=2 if block_s == 32 else 1)
+            heads = dict(BLOCK_H=32) if hp > 32 else {}
+            block_s = 16 if kind == "dq" and match["dtype"] == "fp32" else 32
+            return dict(BLOCK_T=max(1, 32 // hp), BLOCK_S=block_s, **heads, num_warps=8, num_stages=2)
         if kind == "dk":
             rows, block_s, warps = max(64, hp), 64 if hp <= 64 else 32, 8 if hp <= 64 else 4
         else:
@@ -212,7 +254,7 @@ def _element_bytes(match):
 
 def _indexer_shared(config, match):
     """q block resident plus num_stages key tiles."""
-    rows = config["BLOCK_T"] * match["HP"]
+    rows = config["BLOCK_T"] * config.get("BLOCK_H", match["HP"])
     return (rows + config.get("num_stages", 1) * config["BLOCK_S"]) * match["D"] * _element_bytes(match)
 
 
@@ -317,7 +359,8 @@ def lightning_indexer_backward(grad, q, k, k_scale, weights, ks, ke):
 
     def run_dq(config):
         constexprs, options = split_options(config)
-        return lightning_indexer_bwd_dq_kernel[(triton.cdiv(T, config["BLOCK_T"]),)](
+        head_blocks = match["HP"] // config.get("BLOCK_H", match["HP"])  # BLOCK_H: heads split over programs
+        return lightning_indexer_bwd_dq_kernel[(triton.cdiv(T, config["BLOCK_T"]), head_blocks)](
             grad, q, k, k_scale, weights, ks, ke, dq, dw, *sizes, **common, **constexprs, **options)
 
     def run_dk(config):

@@ -147,7 +147,7 @@ def lightning_indexer_topk_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_p
     values per thread, where selecting over all CAP slots at once held them all in registers)."""
     pid_t = tl.program_id(0)
     rows, lo, hi, block_lo, block_hi = _key_range(ks_ptr, ke_ptr, pid_t, T, S, BLOCK_T)
-    q, w = _query_block(q_ptr, w_ptr, pid_t, T, H, stride_qt, stride_qh, stride_wt, HP, D, BLOCK_T, ACC)
+    q, w, _ = _query_block(q_ptr, w_ptr, pid_t, 0, T, H, stride_qt, stride_qh, stride_wt, HP, D, BLOCK_T, ACC)
     rows_local = tl.arange(0, BLOCK_T)
     count = tl.zeros((BLOCK_T,), dtype=tl.int32)
     half = tl.zeros((BLOCK_T,), dtype=tl.int32)  # which of the query's two buffers holds its candidates
@@ -204,10 +204,16 @@ TOPK = KernelConfigs("topk_indices",
 def _fused_heuristic(match):
     """The indexer's tile shape: ~128 (query, head) rows, key tiles of 64; the compaction's radix select
     reads the buffer in chunks of 1024 (4 values a thread at 8 warps). No stack frame at fp8/bf16/fp16
-    (sm_90 compile report; 128-key tiles have one)."""
-    if match["dtype"] not in ("fp8", "bf16", "fp16"):  # FMA matmuls (fp32, fp64): the indexer's exact-path tiles
-        block_s = 32 if match["HP"] <= 32 else 16
-        return dict(BLOCK_T=max(1, 32 // match["HP"]), BLOCK_S=block_s, CHUNK=1024, num_warps=8, num_stages=1)
+    (sm_90 compile report; 128-key tiles have one).
+    fp32 and fp64 (FMA and DMMA matmuls) compact in chunks of 256 (one value a thread): at 1024 their
+    kernels needed a little over 128 registers and ptxas held them to 128, spilling 24-216 B (sm_90
+    report). fp32 takes 32 rows, fp64 64 (at 32 rows ptxas still held fp64 to 128 registers and spilled
+    8-200 B; at 64 it takes 150-200 registers, no stack)."""
+    if match["dtype"] not in ("fp8", "bf16", "fp16"):
+        hp = match["HP"]
+        if match["dtype"] == "fp32":
+            return dict(BLOCK_T=max(1, 32 // hp), BLOCK_S=32 if hp <= 32 else 16, CHUNK=256, num_warps=8, num_stages=1)
+        return dict(BLOCK_T=max(1, 64 // hp), BLOCK_S=32, CHUNK=256, num_warps=8, num_stages=1)
     return dict(BLOCK_T=max(1, 128 // match["HP"]), BLOCK_S=64, CHUNK=1024, num_warps=8, num_stages=2)
 
 

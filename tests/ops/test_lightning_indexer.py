@@ -8,7 +8,8 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
-from tests.helpers import DEVICES, HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+from tests.helpers import (DEVICES, HAS_CUDA, TRITON_INTERPRETED, assert_close_to_reference, backend_device,
+                           kernel_backends, seeded)
 
 FP8 = torch.float8_e4m3fn
 FLOATS = "float16, bfloat16, float32 or float64"
@@ -125,6 +126,42 @@ def test_backward_matches_reference(backend, dtype, shape):
             tol = dict(rtol=1e-5, atol=1e-5 * scale)
         assert_close_to_reference(g, e, name=name, **tol)
 
+
+
+def use_shipped_configs(monkeypatch, *configs):
+    """Launch with the configs a GPU gets (the heuristic), not the interpreter's smallest ones."""
+    for kernel_configs in configs:
+        monkeypatch.setattr(kernel_configs, "smallest", lambda match, c=kernel_configs: c.heuristic_config(match))
+        monkeypatch.setattr(kernel_configs, "_chosen", {})
+
+
+EXACT_SHAPES = [(3, 45, 128, 32, "ragged"), (2, 40, 64, 64, "causal"), (5, 70, 3, 128, "ragged")]
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton kernels on CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", EXACT_SHAPES, ids=[f"T{s[0]}-S{s[1]}-H{s[2]}-D{s[3]}-{s[4]}" for s in EXACT_SHAPES])
+def test_shipped_exact_configs_match_reference(monkeypatch, dtype, shape):
+    """float32 and float64 with their shipped configs: the backward's 16-dim chunks of the score matmuls,
+    and past 32 heads the heads 32 at a time (BLOCK_H: dq over programs, dk in a loop); against the
+    float64 reference."""
+    from musetalk_fast.kernels import lightning_indexer as li
+
+    use_shipped_configs(monkeypatch, li.FWD, li.BWD_DQ, li.BWD_DK)
+    match = li._match(torch.empty(1, shape[2], shape[3], dtype=dtype), shape[2])
+    if shape[2] > 32:  # the heads are split
+        assert li.BWD_DQ.heuristic_config(match)["BLOCK_H"] == li.BWD_DK.heuristic_config(match)["BLOCK_H"] == 32
+    args = make_inputs(shape, dtype, seed=sum(shape[:4]), device="cpu")
+    exact_in = [t.detach().double().requires_grad_() for t in args[:4]]
+    exact = reference.lightning_indexer(*exact_in, *args[4:])
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_logits_match(li.lightning_indexer_forward(*args), exact, f"logits {dtype}", rtol=tolerance)
+    grad = torch.randn(exact.shape, generator=seeded(5), dtype=torch.float64).masked_fill(~torch.isfinite(exact), 0)
+    got = li.lightning_indexer_backward(grad.to(dtype), *args)
+    for name, g, e in zip(("dq", "dk", "dk_scale", "dweights"), got, torch.autograd.grad(exact, exact_in, grad)):
+        tol = dict(rtol=1e-10, atol=1e-10 * e.abs().max().item()) if dtype == torch.float64 else \
+            dict(rtol=1e-5, atol=1e-5 * e.abs().max().item())
+        assert_close_to_reference(g, e, name=name, **tol)
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_inputs_get_no_gradient_but_weights_do(device):

@@ -6,8 +6,9 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
-from tests.helpers import DEVICES, HAS_CUDA, backend_device, kernel_backends, seeded
-from tests.ops.test_lightning_indexer import assert_whole_message, key_ranges, make_inputs, skip_extra_gpu_compile
+from tests.helpers import DEVICES, HAS_CUDA, TRITON_INTERPRETED, backend_device, kernel_backends, seeded
+from tests.ops.test_lightning_indexer import (assert_whole_message, key_ranges, make_inputs, skip_extra_gpu_compile,
+                                             use_shipped_configs)
 
 FLOATS = "float16, bfloat16, float32 or float64"
 
@@ -115,6 +116,23 @@ def test_fused_matches_unfused(backend, dtype, case):
     unfused = musetalk_fast.ops.topk_indices(musetalk_fast.ops.lightning_indexer(*args), topk)
     assert_valid_topk(unfused, logits, topk, name="unfused")
 
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton kernels on CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [(5, 300, 3, 32, "ragged", 9), (2, 200, 64, 32, "full", 20)], ids=["H3", "H64"])
+def test_fused_shipped_exact_configs(monkeypatch, dtype, case):
+    """float32 and float64 with their shipped configs (32 and 64 rows, compaction chunks of 256), over
+    enough keys that each query's buffer is compacted on the way: a top-k set of the reference's logits."""
+    from musetalk_fast.kernels import topk as tk
+
+    use_shipped_configs(monkeypatch, tk.FUSED)
+    *shape, k = case
+    config = tk.FUSED.heuristic_config(dict(tk._match(torch.empty(1, shape[2], shape[3], dtype=dtype), shape[2]),
+                                            k=tk.triton.next_power_of_2(k)))
+    assert config["CHUNK"] == 256 and shape[1] > tk.triton.next_power_of_2(k + config["BLOCK_S"])  # compacts
+    args = make_inputs(tuple(shape), dtype, seed=k + shape[1], device="cpu")
+    assert_valid_topk(tk.lightning_indexer_topk(*args, k), reference.lightning_indexer(*args), k, name="fused")
 
 @pytest.mark.skipif(not HAS_CUDA, reason="GPU memory accounting")
 def test_fused_needs_no_logits_matrix():
