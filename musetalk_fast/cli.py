@@ -1,4 +1,4 @@
-"""The `musetalk-fast` command line: one subcommand per job (make-data, check-data; train and eval to come).
+"""The `musetalk-fast` command line: one subcommand per job.
 
     musetalk-fast make-data --identities 8 --clips 4 --out data/synthetic [--seconds 4] [--seed 0]
         [--force] [--contact-sheets] [--snr-db 20] [--reverb 0.3]
