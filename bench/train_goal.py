@@ -3,15 +3,21 @@ data, a VAE and a SyncNet trained once, then stage 1 + stage 2 from scratch twic
 evaluated on the held-out identities (the mouth measured in the generated pixels, `musetalk-fast eval`):
 
     pmf   the trainer's default objective (pixel MeanFlow; docs/train.md)
-    l1    the comparison row: MuseTalk 1.5's one-step L1 + perceptual objective (`--objective l1`)
+    l1    the comparison row: MuseTalk 1.5's one-step L1 objective (`--objective l1`) with the same pixel
+          losses; "perceptual" is LPIPS with `--perceptual-vgg` (local torchvision vgg16 weights, both
+          runs), else the trainer's default MS-SSIM + gradient loss
 
-    python -m musetalk_fast.bench.train_goal [--results bench/results] [--work build/train-goal] [--quick]
+    python -m musetalk_fast.bench.train_goal [--results bench/results] [--work build/train-goal]
+        [--perceptual-vgg vgg16.pth] [--quick]
 
-Writes <results>/train/<device>-goal.json (the commands, wall seconds of every phase, the metrics of both
-runs on the val and test identities) and each run's report.png beside it. Goals (H100): both stages
-within 8 minutes, opening correlation >= 0.8 and >= 90 % closed mouths on silent frames. The step counts
-below are a first guess for an H100 (no GPU has run this yet): the JSON says how long they took, and
-`--steps1/--steps2` change them. `--quick` is the few-step version the tests run on a CPU.
+Writes <results>/train/<device>-goal.json (the commands, wall seconds of every phase, each stage's own
+training seconds from the run's report, the metrics of both runs on the val and test identities, which
+goals hold on the worse split) and each run's report.png beside it. Goals (H100): both stages within 8
+minutes, opening correlation >= 0.8 and >= 90 % closed mouths on silent frames. The step counts below
+are a first guess for an H100 (no GPU has run this yet): the JSON says how long they took, and
+`--steps1/--steps2` change them. The pmf run goes first and pays the Triton kernels' first compilation
+(cached on disk for the l1 run): compare the stages' own seconds, not only the wall times. `--quick`
+(a few steps on little data, results under --work) checks the pipeline on any machine.
 """
 import argparse
 import json
@@ -19,6 +25,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+MARKER = ".train-goal"  # the work folder is ours to replace only if it holds this file (or is empty)
 
 RUNS = {"pmf": [], "l1": ["--objective", "l1"]}
 GOALS = {"train_seconds": 8 * 60, "opening_correlation": 0.8, "silent_closed_share": 0.9}
@@ -42,7 +50,8 @@ def evaluate(model, data, split, out):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default="bench/results", help="folder of the committed results")
+    parser.add_argument("--results", default=None,
+                        help="results folder (default bench/results, the committed one; --quick: under --work)")
     parser.add_argument("--work", default="build/train-goal", help="data and runs (replaced)")
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--identities", type=int, default=24)
@@ -52,21 +61,28 @@ def main(argv=None):
     parser.add_argument("--syncnet-steps", type=int, default=600)
     parser.add_argument("--steps1", type=int, default=2000, help="stage 1 steps")
     parser.add_argument("--steps2", type=int, default=600, help="stage 2 steps")
-    parser.add_argument("--quick", action="store_true", help="a few steps on little data (the tests' CPU run)")
+    parser.add_argument("--perceptual-vgg", metavar="PATH", help="local vgg16 weights: LPIPS in both runs")
+    parser.add_argument("--quick", action="store_true", help="a few steps on little data (checks the pipeline)")
     args = parser.parse_args(argv)
     if args.quick:
         args.identities, args.clips, args.seconds = 6, 1, 1.5
         args.vae_steps, args.syncnet_steps, args.steps1, args.steps2 = 2, 2, 2, 2
+    work = Path(args.work)
+    if work.exists() and any(work.iterdir()) and not (work / MARKER).is_file():
+        parser.error(f"argument --work: {work} is a non-empty folder this script did not make (no {MARKER})")
+    args.results = args.results or str(work / "results" if args.quick else "bench/results")
 
     import torch
 
     from .run import device_name
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / MARKER).write_text("made by musetalk_fast.bench.train_goal: replaced by its next run\n")
     data, vae, syncnet = work / "data", work / "vae", work / "syncnet.pt"
     progress = ["--no-progress"]
+    perceptual = ["--perceptual-vgg", args.perceptual_vgg] if args.perceptual_vgg else []
     seconds = {"data": timed(["make-data", "--identities", args.identities, "--clips", args.clips, "--seconds",
                               args.seconds, "--seed", 7, "--out", data, *progress])}
     seconds["vae"] = timed(["train-vae", "--data", data, "--out", vae, "--config", args.config,
@@ -80,12 +96,14 @@ def main(argv=None):
     for run, extra in RUNS.items():
         out = work / run
         base = ["train", "--config", args.config, "--data", data, "--out", out, "--vae", vae, "--syncnet", syncnet,
-                *extra, *progress]
+                *extra, *perceptual, *progress]
         train = timed([*base, "--stage", 1, "--steps", args.steps1])
         train += timed([*base, "--stage", 2, "--steps", args.steps2])
         metrics = {split: evaluate(out / "stage2" / "model.pt", data, split, work / f"{run}-{split}.json")
                    for split in ("val", "test")}
+        info = json.loads((out / "report.json").read_text())["info"]
         runs[run] = {"train_seconds": train, "metrics": metrics, "report": f"{name}-{run}.png",
+                     "stage_seconds": {k: v for k, v in info.items() if k.endswith("_seconds")},
                      "goals_met": goals_met(train, metrics)}
         shutil.copy(out / "report.png", results / f"{name}-{run}.png")
         print(f"{run}: both stages {train:.0f} s; " + "; ".join(
@@ -102,10 +120,10 @@ def main(argv=None):
 
 
 def goals_met(train_seconds, metrics):
-    """Each goal against the worse of the val and test identities."""
-    worst = {key: min(m[key] for m in metrics.values()) for key in ("opening_correlation", "silent_closed_share")}
+    """Each goal on every split (the worse one decides; a NaN metric fails)."""
     return {"train_seconds": train_seconds <= GOALS["train_seconds"],
-            **{key: worst[key] >= GOALS[key] for key in worst}}
+            **{key: all(m[key] >= GOALS[key] for m in metrics.values())
+               for key in ("opening_correlation", "silent_closed_share")}}
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def _add_train(subcommands):
     parser.add_argument("--seed", type=int, default=None,
                         help="the U-Net's init, batches, times and noise (default 0; a VAE or SyncNet trained here keeps 0)")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
-    parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed)")
+    parser.add_argument("--fp8", action="store_true", help="Transformer Engine fp8 linears (GPU, when installed; turns gradient checkpointing off)")
     parser.add_argument("--objective", choices=("pmf", "l1"), default="pmf",
                         help="pmf: pixel MeanFlow (default); l1: MuseTalk 1.5's one-step L1 + perceptual "
                              "regression, the comparison row (docs/train.md)")

@@ -13,8 +13,9 @@
   default perceptual loss of the trainer; `trainer_image_loss(vgg_path, lpips_path)` picks the trainer's.
 - `VGGPerceptual(vgg_path, lpips_path=None)`: LPIPS (Zhang et al. 2018) on a VGG16 whose weights are read from
   a local file (torchvision's vgg16 state dict, .pth or .safetensors; only `features.*` is used); with
-  `lpips_path` (the LPIPS project's vgg.pth: lin0..lin4) the learned channel weights, else every channel
-  weighted equally (LPIPS' "baseline").
+  `lpips_path` (the LPIPS project's vgg.pth: lin0..lin4) the learned channel weights, else each layer's
+  channels weighted 1/C (the mean over a layer's channels; LPIPS' "baseline" sums them, which weighs the
+  512-channel layers 8x the 64-channel one).
 - `psnr(x, y)`: peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2), per image.
 """
 import math
@@ -114,7 +115,7 @@ class ImageLoss(nn.Module):
         self.perceptual = perceptual
 
     def forward(self, x, y):
-        loss = 0.0
+        loss = x.new_zeros((), dtype=torch.float32)
         if self.ssim_weight:
             loss = loss + self.ssim_weight * (1 - ms_ssim(x, y)).mean()
         if self.gradient_weight:
@@ -146,11 +147,15 @@ def _load_weights(path, what):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{what} {path} is not a file (local weights only; nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt or foreign file: unpickling / safetensors header errors
+        raise ValueError(f"{what} {path} could not be read as a state dict ({type(error).__name__}: "
+                         f"{str(error)[:120]})") from error
 
 
 class VGGPerceptual(nn.Module):

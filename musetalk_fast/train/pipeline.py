@@ -19,7 +19,7 @@ import numpy as np
 
 from .checkpoint import load_checkpoint
 from .report import History, write_report
-from .trainer import TrainOptions, train_stage
+from .trainer import ResumeMismatchError, TrainOptions, train_stage
 
 DEFAULT_STEPS = {"tiny": {1: 250, 2: 100}, "default": {1: 20000, 2: 5000}}
 VAE_STEPS = {"tiny": 300, "default": 20000}
@@ -189,9 +189,12 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
               f"({counts['speech_closed']} speech with a closed mouth, "
               f"{counts['silent_open']} silence with an open one)")
         tick = time.perf_counter()
-        train_stage(model, stage, clips, eval_clips, out, stage_steps, options, resume_run=resume,
-                    syncnet=frozen_syncnet, image_loss=image_loss, progress=progress, history=history,
-                    callback=callback)
+        try:
+            train_stage(model, stage, clips, eval_clips, out, stage_steps, options, resume_run=resume,
+                        syncnet=frozen_syncnet, image_loss=image_loss, progress=progress, history=history,
+                        callback=callback)
+        except ResumeMismatchError as error:
+            raise TrainArgumentError("resume", str(error)) from error
         history.info[f"stage{stage}_train_seconds"] = time.perf_counter() - tick
     history.info["total_seconds"] = time.perf_counter() - started
     history.info["config"] = name

@@ -60,7 +60,7 @@ def write_report(history, out, title="training"):
     def x_of(row):
         return row["step"] + offset.get(row["stage"], 0)
 
-    names = sorted({k for row in history.steps for k in row if k.startswith("loss") or k == "pmf_mse"})
+    names = sorted({k for row in history.steps for k in row if k.startswith("loss") or k.endswith("_mse")})
     metrics = sorted({k for row in history.evals for k in row if k not in ("step", "stage")
                       and all(-1.5 <= row[k] <= 1.5 for row in history.evals if _finite(row.get(k)) is not None)})
     panels = max(len(names), 1) + (1 if metrics else 0)

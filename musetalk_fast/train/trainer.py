@@ -82,6 +82,9 @@ class TrainOptions:
     margins: tuple = field(default=(0, 8, 16))  # the masked latents precomputed per margin
 
     def __post_init__(self):
+        for name in ("perceptual_vgg", "perceptual_lpips"):  # a Path would not survive options.json
+            if getattr(self, name) is not None:
+                setattr(self, name, str(getattr(self, name)))
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}] (got {self.seed})")
         if self.objective not in ("pmf", "l1"):
@@ -95,6 +98,14 @@ class TrainOptions:
 
     def to_dict(self):
         return asdict(self)
+
+
+# what a resumed run must share with the checkpoint's: the loss and the model's modules
+RESUME_FIXED = ("objective", "fp8", "perceptual_vgg", "perceptual_lpips")
+
+
+class ResumeMismatchError(ValueError):
+    """--resume with options that change the loss or the modules of the checkpoint's run."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,8 +141,9 @@ def flow_times(batch, options):
     return torch.where(one_step, torch.ones_like(t), t), torch.where(one_step, torch.zeros_like(r), r)
 
 
-def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, sync_weight=0.0):
-    """The losses of one batch (a dict of scalars) and the U-Net's indexer loss if any."""
+def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, sync_weight=0.0, fp8=None):
+    """The losses of one batch (a dict of scalars) and the U-Net's indexer loss if any. `fp8`: the fp8
+    linears' context (precision.use_fp8_linears), turned off for the JVP's finite-difference forwards."""
     from ..model.vae import decode
 
     from ..model.vae import lower_half_mask
@@ -146,8 +158,11 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
     def predict_x(z, tt, rr, rows=None):
         pick = slice(None) if rows is None else rows
         tokens = audio[pick] if rows is None else audio[pick].detach()
-        x = unet(z, batch["masked"][pick], batch["reference"][pick], tokens, batch["codes"][pick], tt, rr,
-                 mask=mask[pick])
+        # the finite differences (rows given) divide output differences by h = 1e-4: no fp8 rounding there
+        exact = fp8(enabled=False) if fp8 is not None and rows is not None else contextlib.nullcontext()
+        with exact:
+            x = unet(z, batch["masked"][pick], batch["reference"][pick], tokens, batch["codes"][pick], tt, rr,
+                     mask=mask[pick])
         if rows is None:  # the finite-difference calls that follow overwrite the indexer's loss
             extra["indexer"] = unet.indexer_loss()
         return x
@@ -189,9 +204,8 @@ def compute_losses(model, batch, t, r, eps, options, image_loss, syncnet=None, s
             losses["sync"] = sync_loss(syncnet, lower_half(pixels), batch["windows"][chosen])
     if extra.get("indexer") is not None:
         losses["indexer"] = extra["indexer"]
-    weights = {"pmf": 1.0, "latent_l1": 1.0, "image": options.image_weight, "mouth": options.mouth_weight, "l1": options.l1_weight,
-               "sync": sync_weight,
-               "indexer": options.indexer_weight}
+    weights = {"pmf": 1.0, "latent_l1": 1.0, "image": options.image_weight, "mouth": options.mouth_weight,
+               "l1": options.l1_weight, "sync": sync_weight, "indexer": options.indexer_weight}
     return losses, weights, out["mse"]
 
 
@@ -199,7 +213,7 @@ def one_step_l1(predict_x, x, eps):
     """MuseTalk 1.5's reconstruction (the "l1" objective, the comparison row of docs/train.md): the one-step
     generation x_pred = U-Net(z = eps, t = 1, r = 0), as inference runs it, regressed on the clean latent with
     an L1 loss; no flow, no JVP. The trainer adds the same L1, mouth and perceptual losses on decoded pixels.
-    Returns pmf_loss's keys: loss, mse (per sample, detached; logged as pmf_mse), x_pred."""
+    Returns pmf_loss's keys: loss, mse (per sample, detached; logged as one_step_mse), x_pred."""
     ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
     x_pred = predict_x(eps, ones, ones * 0)
     error = x_pred.float() - x.float()
@@ -223,12 +237,14 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
     image_loss = image_loss.to(device)
 
     # --- the model, the optimizer and their schedule
-    forward_context = None
+    fp8, swapped = None, 0
     if options.fp8:  # before set_stage, which then freezes the swapped linears of the Engram in stage 1
-        swapped, forward_context = use_fp8_linears(model.unet)
+        swapped, fp8 = use_fp8_linears(model.unet)
         history.info[f"stage{stage}_fp8_linears"] = swapped
     set_stage(model, stage)
-    model.unet.gradient_checkpointing = options.grad_checkpointing
+    # torch.utils.checkpoint recomputes in the backward, outside the fp8 context: not with fp8 linears
+    model.unet.gradient_checkpointing = options.grad_checkpointing and not swapped
+    history.info[f"stage{stage}_grad_checkpointing"] = model.unet.gradient_checkpointing
     trainable = trainable_modules(model)
     parameters = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=options.lr if stage == 1 else options.stage2_lr,
@@ -245,6 +261,12 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
     checkpoint_path = folder / "checkpoint.pt"
     if resume_run and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
+        saved = state["extra"].get("options", {})
+        changed = [f"{k} {saved[k]!r} -> {getattr(options, k)!r}" for k in RESUME_FIXED
+                   if k in saved and saved[k] != getattr(options, k)]
+        if changed:
+            raise ResumeMismatchError(f"{checkpoint_path} was trained with other options ({'; '.join(changed)}): "
+                                      f"resume with the same ones, or start a new run folder")
         step = resume(state, model=model, optimizer=optimizer, ema=ema, scheduler=scheduler, sampler=sampler)
         history.load_state_dict(state["extra"]["history"])
         print(f"stage {stage}: resumed from {checkpoint_path} at step {step}")
@@ -268,8 +290,9 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
             sync_weight = options.sync_weight * min(1.0, step / max(options.sync_ramp * steps, 1))
 
         # --- forward: pMF + image + mouth (+ sync) losses
-        with autocast(device, options.bf16), (forward_context() if forward_context else contextlib.nullcontext()):
-            losses, weights, mse = compute_losses(model, batch, t, r, eps, options, image_loss, syncnet, sync_weight)
+        with autocast(device, options.bf16), (fp8() if swapped else contextlib.nullcontext()):
+            losses, weights, mse = compute_losses(model, batch, t, r, eps, options, image_loss, syncnet, sync_weight,
+                                                  fp8=fp8 if swapped else None)
         total = sum(weights[name] * value.float() for name, value in losses.items())
         for name, value in [*losses.items(), ("total", total)]:
             if not torch.isfinite(value).all():
@@ -289,7 +312,8 @@ def train_stage(model, stage, train_clips, eval_clips, out, steps, options, resu
         # --- log, checkpoint, evaluate
         seconds = time.perf_counter() - started
         history.log(step, stage, loss_total=total.item(), **{f"loss_{k}": v.item() for k, v in losses.items()},
-                    pmf_mse=mse.mean().item(), grad_norm=norm.item(), lr=scheduler.get_last_lr()[0],
+                    **{f"{'pmf' if options.objective == 'pmf' else 'one_step'}_mse": mse.mean().item()},
+                    grad_norm=norm.item(), lr=scheduler.get_last_lr()[0],
                     sync_weight=sync_weight, seconds=seconds)
         main = "pmf" if "pmf" in losses else "latent_l1"
         bar.set_postfix(loss=f"{total.item():.3f}", **{main: f"{losses[main].item():.3f}"})

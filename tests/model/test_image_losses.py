@@ -71,6 +71,11 @@ def test_vgg_perceptual_from_local_weights(tmp_path):
     assert not any(p.requires_grad for p in loss.parameters())
     with pytest.raises(ValueError, match="vgg_path .*missing.pth is not a file"):
         VGGPerceptual(tmp_path / "missing.pth")
+    for name in ("corrupt.pth", "corrupt.safetensors"):
+        (tmp_path / name).write_bytes(b"not a state dict")
+        with pytest.raises(ValueError, match=f"vgg_path .*{name} could not be read as a state dict"):
+            VGGPerceptual(tmp_path / name)
+    assert ImageLoss(ssim_weight=0, gradient_weight=0)(x, x.flip(-1)).shape == ()  # a tensor, not 0.0
     save_file({"features.0.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="is not a torchvision vgg16 state dict"):
         VGGPerceptual(tmp_path / "bad.safetensors")

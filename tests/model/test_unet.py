@@ -220,8 +220,17 @@ def test_model_benchmark_cases_run():
     step.ours["ours"]()
     step.baselines["reference ops"]()
     assert not ops.reference_ops_enabled()
-    pmf_step.ours["ours"]()
+    calls = []  # the pmf step takes the JVP: the U-Net's forward, then two finite-difference forwards
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]) if isinstance(module, MuseTalkUNet) else None)
+    try:
+        pmf_step.ours["ours"]()
+    finally:
+        hook.remove()
+    assert calls == [1, 1, 1]  # B = 1 on the CPU: its one row has r < t
     pmf_step.baselines["reference ops"]()
+    t, r = bench.fixed_times(4)
+    assert (r[0] < t[0]) and torch.equal(r[1:3], t[1:3]) and (t[3], r[3]) == (1, 0)
     images = generate.ours["ours"]()
     assert images.shape == (1, 2, 3, CONFIG.image_size, CONFIG.image_size)
 

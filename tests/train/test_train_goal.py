@@ -3,18 +3,26 @@ split. The commands themselves are the CLI's (tested elsewhere); a real --quick 
 CPU, so here the CLI is replaced by a recorder that writes what each command would."""
 import json
 
+import pytest
+
 from musetalk_fast.bench import train_goal
+from musetalk_fast.cli import build_parser
 
 
 def test_train_goal_runs_both_objectives_and_judges_the_worse_split(tmp_path, monkeypatch):
     commands = []
 
     def fake_main(argv):
+        build_parser()[0].parse_args(argv)  # the real command line accepts it
         commands.append(argv)
         if argv[0] == "train":
-            out = argv[argv.index("--out") + 1]
-            (tmp_path / out).mkdir(parents=True, exist_ok=True)
-            (tmp_path / out / "report.png").write_bytes(b"png")
+            out = tmp_path / argv[argv.index("--out") + 1]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.png").write_bytes(b"png")
+            stage = argv[argv.index("--stage") + 1]
+            info = json.loads((out / "report.json").read_text())["info"] if (out / "report.json").exists() else {}
+            info[f"stage{stage}_train_seconds"] = float(stage)
+            (out / "report.json").write_text(json.dumps({"info": info}))
         if argv[0] == "eval":
             l1 = "/l1/" in argv[argv.index("--checkpoint") + 1]
             split = argv[argv.index("--split") + 1]
@@ -25,7 +33,8 @@ def test_train_goal_runs_both_objectives_and_judges_the_worse_split(tmp_path, mo
 
     monkeypatch.setattr("musetalk_fast.cli.main", fake_main)
     monkeypatch.chdir(tmp_path)
-    summary = train_goal.main(["--results", "res", "--work", "work", "--steps1", "7", "--steps2", "3"])
+    summary = train_goal.main(["--results", "res", "--work", "work", "--steps1", "7", "--steps2", "3",
+                               "--perceptual-vgg", "vgg16.pth"])
     kinds = [c[0] for c in commands]
     assert kinds == ["make-data", "train-vae", "train-syncnet", "train", "train", "eval", "eval",
                      "train", "train", "eval", "eval"]
@@ -33,8 +42,22 @@ def test_train_goal_runs_both_objectives_and_judges_the_worse_split(tmp_path, mo
     assert [(c[c.index("--stage") + 1], c[c.index("--steps") + 1]) for c in trains] == [("1", "7"), ("2", "3")] * 2
     assert ["--objective", "l1"] == trains[2][trains[2].index("--objective"):][:2]
     assert "--objective" not in trains[0] and all("--vae" in c and "--syncnet" in c for c in trains)
+    assert all(c[c.index("--perceptual-vgg") + 1] == "vgg16.pth" for c in trains)  # LPIPS in both runs
+    assert summary["runs"]["l1"]["stage_seconds"] == {"stage1_train_seconds": 1.0, "stage2_train_seconds": 2.0}
     assert summary["runs"]["pmf"]["goals_met"]["opening_correlation"]
     assert not summary["runs"]["l1"]["goals_met"]["opening_correlation"]  # its test split is at 0.5
     written = json.loads((tmp_path / "res" / "train" / f"{summary['device']}-goal.json").read_text())
     assert written["runs"]["l1"]["metrics"]["test"]["opening_correlation"] == 0.5
     assert (tmp_path / "res" / "train" / f"{summary['device']}-goal-l1.png").read_bytes() == b"png"
+
+
+def test_train_goal_refuses_a_work_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    monkeypatch.setattr("musetalk_fast.cli.main", lambda argv: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_goal.main(["--work", str(tmp_path)])
+    assert exit_info.value.code == 2 and "did not make" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    nan = {"opening_correlation": float("nan"), "silent_closed_share": 1.0}
+    assert not train_goal.goals_met(1.0, {"val": nan, "test": {**nan, "opening_correlation": 0.9}})[
+        "opening_correlation"]

@@ -3,7 +3,6 @@ VGG16 weights from the command line, and Transformer Engine fp8 linears (a stand
 package is not installed on CPU machines; the swap, the freezing, the EMA copy and the no-TE fallback are
 what is tested)."""
 import contextlib
-import types
 import warnings
 
 import pytest
@@ -88,41 +87,57 @@ def test_perceptual_vgg_and_the_objective_from_the_command_line(setup, tmp_path,
         assert __import__("re").search(message, capsys.readouterr().err)
 
 
-class _FakeTELinear(torch.nn.Linear):
-    """Transformer Engine's te.Linear as the trainer sees it: an nn.Linear subclass with an fp8 extra state."""
+class _FakeTE:
+    """Transformer Engine as the trainer sees it: te.Linear (an nn.Linear subclass with an fp8 extra state
+    that, like TE, refuses fp8 inputs whose rows are not a multiple of 8) and a nestable te.fp8_autocast.
+    Every call is recorded as (rows, fp8 on, autograd on)."""
 
-    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-        super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64), persistent=False)
+    def __init__(self):
+        self.stack, self.calls, self.entered = [], [], []
+        te = self
 
-    def forward(self, x):
-        self.calls += 1
-        return super().forward(x)
+        class Linear(torch.nn.Linear):
+            def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+                super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
 
-    def get_extra_state(self):
-        return torch.tensor([1.0, 2.0])  # te's fp8 scaling metadata
+            def forward(self, x):
+                rows, fp8 = x.numel() // x.shape[-1], bool(te.stack and te.stack[-1])
+                te.calls.append((rows, fp8, torch.is_grad_enabled()))
+                assert not fp8 or rows % 8 == 0, f"fp8 input rows {rows} not a multiple of 8 (TE asserts)"
+                return super().forward(x)
 
-    def set_extra_state(self, state):
-        pass
+            def get_extra_state(self):
+                return torch.tensor([1.0, 2.0])  # te's fp8 scaling metadata
 
+            def set_extra_state(self, state):
+                pass
 
-def _fake_te():
-    entered = []
+        self.Linear = Linear
 
     @contextlib.contextmanager
-    def fp8_autocast(enabled=True):
-        entered.append(enabled)
-        yield
-
-    return types.SimpleNamespace(Linear=_FakeTELinear, fp8_autocast=fp8_autocast, entered=entered)
+    def fp8_autocast(self, enabled=True):
+        self.entered.append(enabled)
+        self.stack.append(enabled)
+        try:
+            yield
+        finally:
+            self.stack.pop()
 
 
 def test_fp8_linears_keep_stage1_freezing_and_the_ema_copy(setup, tmp_path, monkeypatch):
-    te = _fake_te()
-    monkeypatch.setattr(precision, "transformer_engine", lambda: te)
-    history = _run(setup, tmp_path / "fp8", (1, 2), options=_options(fp8=True, eval_clips=1))
+    te = _FakeTE()
+    monkeypatch.setattr(precision, "transformer_engine", lambda device: te)
+    # every row but the one-step ones takes the JVP: its finite-difference forwards must run without fp8
+    history = _run(setup, tmp_path / "fp8", (1, 2), options=_options(fp8=True, eval_clips=1, equal_share=0.0))
     assert history.info["stage1_fp8_linears"] == history.info["stage2_fp8_linears"] > 0
-    assert te.entered and all(te.entered)
+    assert te.entered and True in te.entered
+    assert any(fp8 for _, fp8, _ in te.calls)  # the swapped linears ran, in fp8
+    assert any(not grad for _, _, grad in te.calls)  # the JVP's forwards ran ...
+    assert not any(fp8 and not grad for _, fp8, grad in te.calls)  # ... none of them in fp8
+    # the time embedding's B-row inputs ran without fp8 (TE would refuse them)
+    assert any(rows % 8 and not fp8 for rows, fp8, _ in te.calls)
+    # no torch.utils.checkpoint recompute outside the fp8 context
+    assert history.info["stage1_grad_checkpointing"] is False and history.info["stage2_grad_checkpointing"] is False
     stage1 = load_checkpoint(tmp_path / "fp8" / "stage1" / "checkpoint.pt")
     assert any(k.endswith("_extra_state") for k in stage1["model"])
     assert not any(k.endswith("_extra_state") for k in stage1["ema"]["shadow"])
@@ -135,9 +150,15 @@ def test_fp8_linears_keep_stage1_freezing_and_the_ema_copy(setup, tmp_path, monk
     stage2 = load_checkpoint(tmp_path / "fp8" / "stage2" / "checkpoint.pt")["model"]
     assert any(not torch.equal(stage2[k], stage1["model"][k]) for k in engram)  # unfrozen in stage 2
 
+    # resuming with other options than the checkpoint's is refused, naming them
+    from musetalk_fast.train.pipeline import TrainArgumentError
+
+    with pytest.raises(TrainArgumentError, match=r"^resume .*fp8 True -> False"):
+        _run(setup, tmp_path / "fp8", (2,), options=_options(eval_clips=1, equal_share=0.0), resume=True)
+
 
 def test_fp8_without_transformer_engine_warns_and_trains_without(setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(precision, "transformer_engine", lambda: None)
+    monkeypatch.setattr(precision, "transformer_engine", lambda device: None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = _run(setup, tmp_path / "nofp8", (1,), options=_options(fp8=True))
