@@ -97,13 +97,17 @@ def main(argv=None):
         out = work / run
         base = ["train", "--config", args.config, "--data", data, "--out", out, "--vae", vae, "--syncnet", syncnet,
                 *extra, *perceptual, *progress]
-        train = timed([*base, "--stage", 1, "--steps", args.steps1])
-        train += timed([*base, "--stage", 2, "--steps", args.steps2])
+        train, stage_seconds = 0.0, {}
+        for stage, steps in ((1, args.steps1), (2, args.steps2)):
+            train += timed([*base, "--stage", stage, "--steps", steps])
+            # each command's report.json has its own stage's timings (stage 2's reloads stage 1's curves only)
+            info = json.loads((out / "report.json").read_text())["info"]
+            stage_seconds.update({k: v for k, v in info.items() if k.startswith(f"stage{stage}_") and
+                                  k.endswith("_seconds")})
         metrics = {split: evaluate(out / "stage2" / "model.pt", data, split, work / f"{run}-{split}.json")
                    for split in ("val", "test")}
-        info = json.loads((out / "report.json").read_text())["info"]
         runs[run] = {"train_seconds": train, "metrics": metrics, "report": f"{name}-{run}.png",
-                     "stage_seconds": {k: v for k, v in info.items() if k.endswith("_seconds")},
+                     "stage_seconds": stage_seconds,
                      "goals_met": goals_met(train, metrics)}
         shutil.copy(out / "report.png", results / f"{name}-{run}.png")
         print(f"{run}: both stages {train:.0f} s; " + "; ".join(
