@@ -100,7 +100,7 @@ def main(argv=None):
         train, stage_seconds = 0.0, {}
         for stage, steps in ((1, args.steps1), (2, args.steps2)):
             train += timed([*base, "--stage", stage, "--steps", steps])
-            # each command's report.json has its own stage's timings (stage 2's reloads stage 1's curves only)
+            # the stage's timings from its command's report.json
             info = json.loads((out / "report.json").read_text())["info"]
             stage_seconds.update({k: v for k, v in info.items() if k.startswith(f"stage{stage}_") and
                                   k.endswith("_seconds")})

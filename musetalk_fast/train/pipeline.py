@@ -174,6 +174,10 @@ def run_train(data, out, config, stages=(1, 2), steps=None, resume=False, vae=No
             stage1 = out / "stage1" / "checkpoint.pt"
             if not history.steps and stage1.is_file():  # the report shows both stages' curves
                 history.load_state_dict(load_checkpoint(stage1)["extra"]["history"])
+                report = out / "report.json"  # and stage 1's timings, set after its last checkpoint
+                if report.is_file():
+                    info = json.loads(report.read_text()).get("info", {})
+                    history.info.update({k: v for k, v in info.items() if k.startswith("stage1_")})
         tick = time.perf_counter()
         if stage == 2 and encoded is not None and not init:  # stage 1's latents, same VAE: add the margins
             clips = add_margins(model, encoded[0], options.margins)

@@ -107,6 +107,9 @@ def test_both_stages_train_checkpoint_and_resume_bit_identically(setup, tmp_path
         assert resumed["step"] == straight["step"] == 2
         for part in ("model", "optimizer", "ema", "scheduler", "sampler", "rng"):
             _assert_identical(resumed[part], straight[part])
+    # the stage-2 command's report keeps the stage-1 command's curves and timings
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert {1, 2} == {row["stage"] for row in report["steps"]} and "stage1_train_seconds" in report["info"]
 
 
 def test_bad_input_is_named(setup, tmp_path, capsys):
