@@ -59,7 +59,9 @@ tune:
 # Issue 14's training goal on this machine's GPU: data, VAE, SyncNet, then both stages from scratch with the
 # pMF objective and with the MuseTalk-1.5 comparison objective, timed and evaluated
 # ($(RESULTS)/train/<gpu>-goal.json and a report PNG per run; docs/train.md). VGG=vgg16.pth: LPIPS in both.
+# RUNS=pmf or RUNS=l1: one of the two runs (two shorter commands where a command's time is capped; the JSON keeps both).
 gpu-train:
 	@if ls .whl/*.whl >/dev/null 2>&1; then $(PIP) install -q --no-index --no-deps --no-compile .whl/*.whl; fi
 	$(PIP) install --no-build-isolation --no-deps -e .
-	$(PYTHON) -m musetalk_fast.bench.train_goal --results $(RESULTS) $(if $(VGG),--perceptual-vgg $(VGG))
+	$(PYTHON) -m musetalk_fast.bench.train_goal --results $(RESULTS) $(if $(VGG),--perceptual-vgg $(VGG)) \
+		$(if $(RUNS),--runs $(RUNS))

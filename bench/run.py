@@ -119,6 +119,13 @@ def write_chart(rows, path, title):
     plt.close(fig)
 
 
+def write_json(path, result):
+    """Through a temporary file and a rename: a reader (or a kill) never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    temporary.replace(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="*", default=OPS + [MODEL], choices=OPS + [MODEL])
@@ -131,21 +138,13 @@ def main(argv=None):
     torch.manual_seed(0)
     peaks = measure_peaks(device)
     print("measured peaks:", {k: (f"{v:.3e}" if isinstance(v, float) else v) for k, v in peaks.items()})
-    rows = []
-    for name in args.ops:
-        module = importlib.import_module(f"musetalk_fast.bench.{name}" if name == MODEL else
-                                         f"musetalk_fast.bench.ops.{name}")
-        for case in module.cases(device):
-            rows.extend(run_case(case, device, peaks))
-    print_table(rows)
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = device_name(device)
     result = {
         "device": stem, "torch": torch.__version__, "musetalk_fast": musetalk_fast.__version__,
         "command": "musetalk-fast-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "peaks": peaks, "rows": rows,
+        "peaks": peaks, "complete": False, "rows": [],
     }
     try:
         import triton
@@ -153,7 +152,17 @@ def main(argv=None):
         result["triton"] = triton.__version__
     except ImportError:
         pass
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    for name in args.ops:
+        module = importlib.import_module(f"musetalk_fast.bench.{name}" if name == MODEL else
+                                         f"musetalk_fast.bench.ops.{name}")
+        for case in module.cases(device):
+            result["rows"].extend(run_case(case, device, peaks))
+            print(f"done: {case.op} | {case.shape}", flush=True)
+            write_json(out_dir / f"{stem}.json", result)  # after every case: a capped run keeps its rows
+    rows = result["rows"]
+    print_table(rows)
+    result["complete"] = True
+    write_json(out_dir / f"{stem}.json", result)
     print(f"wrote {out_dir / (stem + '.json')}")
     try:
         write_chart(rows, out_dir / f"{stem}.png", f"musetalk_fast on {stem}")

@@ -8,7 +8,7 @@ evaluated on the held-out identities (the mouth measured in the generated pixels
           runs), else the trainer's default MS-SSIM + gradient loss
 
     python -m musetalk_fast.bench.train_goal [--results bench/results] [--work build/train-goal]
-        [--perceptual-vgg vgg16.pth] [--quick]
+        [--runs pmf l1] [--perceptual-vgg vgg16.pth] [--quick]
 
 Writes <results>/train/<device>-goal.json (the commands, wall seconds of every phase, each stage's own
 training seconds from the run's report, the metrics of both runs on the val and test identities, which
@@ -18,6 +18,11 @@ are a first guess for an H100 (no GPU has run this yet): the JSON says how long 
 `--steps1/--steps2` change them. The pmf run goes first and pays the Triton kernels' first compilation
 (cached on disk for the l1 run): compare the stages' own seconds, not only the wall times. `--quick`
 (a few steps on little data, results under --work) checks the pipeline on any machine.
+
+The JSON is rewritten after each run, so a command stopped in the l1 run keeps the pmf one. Where one
+command may run only so long (a rented GPU's 10-minute calls), `--runs pmf` and `--runs l1` split it in
+two: each rebuilds the data, VAE and SyncNet from the same seeds (a GPU's VAE may differ in its last
+bits), and a JSON already in the results folder made with the same options keeps its other run.
 """
 import argparse
 import json
@@ -61,6 +66,7 @@ def main(argv=None):
     parser.add_argument("--syncnet-steps", type=int, default=600)
     parser.add_argument("--steps1", type=int, default=2000, help="stage 1 steps")
     parser.add_argument("--steps2", type=int, default=600, help="stage 2 steps")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (default both)")
     parser.add_argument("--perceptual-vgg", metavar="PATH", help="local vgg16 weights: LPIPS in both runs")
     parser.add_argument("--quick", action="store_true", help="a few steps on little data (checks the pipeline)")
     args = parser.parse_args(argv)
@@ -92,11 +98,19 @@ def main(argv=None):
     results = Path(args.results) / "train"
     results.mkdir(parents=True, exist_ok=True)
     name = f"{device_name(device)}-goal"
-    runs = {}
-    for run, extra in RUNS.items():
+    path = results / f"{name}.json"
+    options = {k: v for k, v in vars(args).items() if k not in SPLIT_OPTIONS}
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    runs = {k: v for k, v in earlier.get("runs", {}).items() if k not in args.runs
+            and earlier.get("shared_options") == options}  # the other run of a split goal
+    summary = {"command": "python -m musetalk_fast.bench.train_goal " + " ".join(sys.argv[1:] if argv is None
+                                                                                  else map(str, argv)),
+               "device": device_name(device), "torch": torch.__version__, "options": vars(args),
+               "shared_options": options, "seconds": seconds, "runs": runs, "goals": GOALS}
+    for run in args.runs:
         out = work / run
         base = ["train", "--config", args.config, "--data", data, "--out", out, "--vae", vae, "--syncnet", syncnet,
-                *extra, *perceptual, *progress]
+                *RUNS[run], *perceptual, *progress]
         train, stage_seconds = 0.0, {}
         for stage, steps in ((1, args.steps1), (2, args.steps2)):
             train += timed([*base, "--stage", stage, "--steps", steps])
@@ -107,20 +121,18 @@ def main(argv=None):
         metrics = {split: evaluate(out / "stage2" / "model.pt", data, split, work / f"{run}-{split}.json")
                    for split in ("val", "test")}
         runs[run] = {"train_seconds": train, "metrics": metrics, "report": f"{name}-{run}.png",
-                     "stage_seconds": stage_seconds,
+                     "stage_seconds": stage_seconds, "command": summary["command"], "command_seconds": seconds,
                      "goals_met": goals_met(train, metrics)}
         shutil.copy(out / "report.png", results / f"{name}-{run}.png")
         print(f"{run}: both stages {train:.0f} s; " + "; ".join(
             f"{split} correlation {m['opening_correlation']:.3f}, closed {m['silent_closed_share']:.1%}"
-            for split, m in metrics.items()))
-    summary = {"command": "python -m musetalk_fast.bench.train_goal " + " ".join(sys.argv[1:] if argv is None
-                                                                                  else argv),
-               "device": device_name(device), "torch": torch.__version__, "options": vars(args),
-               "seconds": seconds, "runs": runs, "goals": GOALS}
-    path = results / f"{name}.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {path}")
+            for split, m in metrics.items()), flush=True)
+        path.write_text(json.dumps(summary, indent=1) + "\n")  # after each run: a stopped command keeps it
+        print(f"wrote {path}", flush=True)
     return summary
+
+
+SPLIT_OPTIONS = ("runs", "results", "work")  # options two halves of one goal may differ in
 
 
 def goals_met(train_seconds, metrics):

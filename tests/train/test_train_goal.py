@@ -9,7 +9,8 @@ from musetalk_fast.bench import train_goal
 from musetalk_fast.cli import build_parser
 
 
-def test_train_goal_runs_both_objectives_and_judges_the_worse_split(tmp_path, monkeypatch):
+def record_commands(tmp_path, monkeypatch):
+    """Replace the CLI by a recorder whose train/eval commands write what the real ones would."""
     commands = []
 
     def fake_main(argv):
@@ -32,6 +33,11 @@ def test_train_goal_runs_both_objectives_and_judges_the_worse_split(tmp_path, mo
 
     monkeypatch.setattr("musetalk_fast.cli.main", fake_main)
     monkeypatch.chdir(tmp_path)
+    return commands
+
+
+def test_train_goal_runs_both_objectives_and_judges_the_worse_split(tmp_path, monkeypatch):
+    commands = record_commands(tmp_path, monkeypatch)
     summary = train_goal.main(["--results", "res", "--work", "work", "--steps1", "7", "--steps2", "3",
                                "--perceptual-vgg", "vgg16.pth"])
     kinds = [c[0] for c in commands]
@@ -48,6 +54,23 @@ def test_train_goal_runs_both_objectives_and_judges_the_worse_split(tmp_path, mo
     written = json.loads((tmp_path / "res" / "train" / f"{summary['device']}-goal.json").read_text())
     assert written["runs"]["l1"]["metrics"]["test"]["opening_correlation"] == 0.5
     assert (tmp_path / "res" / "train" / f"{summary['device']}-goal-l1.png").read_bytes() == b"png"
+
+
+def test_a_goal_split_in_two_commands_keeps_both_runs(tmp_path, monkeypatch):
+    """--runs pmf then --runs l1 into one results folder: one JSON with both runs, each with its command;
+    a later --runs l1 with other step counts does not keep the pmf run made with the old ones."""
+    commands = record_commands(tmp_path, monkeypatch)
+    common = ["--results", "res", "--work", "work", "--steps1", "7", "--steps2", "3"]
+    train_goal.main([*common, "--runs", "pmf"])
+    assert [c[0] for c in commands] == ["make-data", "train-vae", "train-syncnet", "train", "train", "eval", "eval"]
+    assert all("--objective" not in c for c in commands)
+    summary = train_goal.main([*common, "--runs", "l1"])
+    assert sorted(summary["runs"]) == ["l1", "pmf"]
+    assert "--runs pmf" in summary["runs"]["pmf"]["command"] and "--runs l1" in summary["runs"]["l1"]["command"]
+    written = json.loads((tmp_path / "res" / "train" / f"{summary['device']}-goal.json").read_text())
+    assert written["runs"].keys() == {"pmf", "l1"}
+    summary = train_goal.main([*common[:-1], "4", "--runs", "l1"])
+    assert list(summary["runs"]) == ["l1"]
 
 
 def test_train_goal_refuses_a_work_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
