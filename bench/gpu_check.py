@@ -188,6 +188,19 @@ def bench_lines(path):
     return lines
 
 
+def source_commit():
+    """The commit under test: $MUSETALK_FAST_COMMIT (a copy of the tree without .git, e.g. on a rented GPU
+    machine: set it where the copy was made), else git's HEAD (with -dirty if the tree has changes), else
+    "unknown"."""
+    if os.environ.get("MUSETALK_FAST_COMMIT"):
+        return os.environ["MUSETALK_FAST_COMMIT"]
+    try:
+        head = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True)
+    except OSError:  # no git on the machine
+        return "unknown"
+    return head.stdout.strip() if head.returncode == 0 else "unknown"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="bench/results", help="folder for the results and the summary")
@@ -211,13 +224,13 @@ def main(argv=None):
     name = device_name(device)
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_commit()
 
     tests, test_details, tests_ok = run_tests(results / f"{name}-tests.jsonl", args.test_timeout, workers)
     bench_json = results / f"{name}.json"
     bench_json.unlink(missing_ok=True)  # never report an earlier run's rows
     code, bench_seconds = run_bench(results, args.bench_timeout)
-    lines = [f"gpu-check {name} | torch {torch.__version__} | triton {triton.__version__} | commit {commit or 'unknown'}",
+    lines = [f"gpu-check {name} | torch {torch.__version__} | triton {triton.__version__} | commit {commit}",
              tests, *test_details]
     rows = bench_lines(bench_json) if bench_json.exists() else []
     status = "" if code == 0 else f"FAILED ({code}) after "

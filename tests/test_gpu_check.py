@@ -141,6 +141,16 @@ def test_the_benchmark_keeps_its_rows_when_stopped(tmp_path, monkeypatch):
     assert {(r["op"], r["shape"]) for r in result["rows"]} == {(calls[0].op, calls[0].shape)}
 
 
+def test_the_commit_comes_from_the_environment_or_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSETALK_FAST_COMMIT", "abc1234")
+    assert gpu_check.source_commit() == "abc1234"
+    monkeypatch.delenv("MUSETALK_FAST_COMMIT")
+    monkeypatch.chdir(tmp_path)  # a copy of the tree without .git
+    assert gpu_check.source_commit() == "unknown"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert gpu_check.source_commit() == "unknown"
+
+
 def test_bench_lines_give_each_row_of_ours_its_ratio():
     lines = gpu_check.bench_lines(CPU_RESULTS)
     assert lines and all(" | best baseline " in line and re.search(r"\| \d+\.\d\dx \|", line) for line in lines), lines
