@@ -51,10 +51,11 @@ gpu-wheels:
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
 
-# Regenerate this GPU's launch-config table (kernels/configs/<gpu>.json) by tuning at the benchmark shapes.
+# Regenerate this GPU's launch-config table (kernels/configs/<gpu>.json) by tuning at the benchmark shapes,
+# rewritten after each case. OPS="gated_attention sinkhorn": only those; SECONDS=480: start no case after that.
 tune:
 	$(PIP) install --no-build-isolation --no-deps -e .
-	$(PYTHON) -m musetalk_fast.bench.tune
+	$(PYTHON) -m musetalk_fast.bench.tune $(if $(OPS),--ops $(OPS)) $(if $(SECONDS),--seconds $(SECONDS))
 
 # Issue 14's training goal on this machine's GPU: data, VAE, SyncNet, then both stages from scratch with the
 # pMF objective and with the MuseTalk-1.5 comparison objective, timed and evaluated

@@ -196,6 +196,8 @@ def write_tuned_tables():
         table.data["command"] = "python -m musetalk_fast.bench.tune"
         for kernel in table.data["kernels"]:
             table.data["kernels"][kernel].sort(key=lambda e: json.dumps([e["match"], e["sizes"]], sort_keys=True))
-        table.path.write_text(json.dumps(table.data, indent=1, sort_keys=True) + "\n")
+        temporary = table.path.with_name(table.path.name + ".tmp")  # a kill mid-write leaves the old table whole
+        temporary.write_text(json.dumps(table.data, indent=1, sort_keys=True) + "\n")
+        temporary.replace(table.path)
         written.append(table.path)
     return written

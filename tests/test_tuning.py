@@ -119,7 +119,7 @@ def test_tuning_times_the_space_keeps_the_fastest_and_writes_the_table(tmp_path,
                    dict(L=1000))
     assert timed == [32, 32, 64, 64, 128, 128, 64]  # each config compiled (its spills read) and timed, then the fastest
     (path,) = tuning.write_tuned_tables()
-    assert path == tmp_path / "Test_GPU.json"
+    assert path == tmp_path / "Test_GPU.json" and not list(tmp_path.glob("*.tmp"))  # written through a rename
     (entry,) = json.loads(path.read_text())["kernels"]["test_kernel"]
     assert entry["config"] == dict(BLOCK_M=64, num_warps=4) and entry["sizes"] == dict(L=1024) and entry["ms"] == 1.0
 
@@ -161,3 +161,27 @@ def test_sinkhorn_search_space_scales_with_n():
         space = sk.FWD.space(dict(dtype="fp32", n=n))
         values_per_program = {c["BLOCK_B"] * n * n for c in space}
         assert (min(values_per_program), max(values_per_program)) == (512, 4096), (n, values_per_program)
+
+
+def test_tune_writes_the_table_after_each_case_and_stops_starting_cases_past_its_seconds(monkeypatch):
+    """bench/tune.py on a time-capped machine: each finished case is in the table file at once, and past
+    --seconds the cases not started are returned (and printed), not run."""
+    import types
+
+    from musetalk_fast.bench import tune
+
+    ran, writes, now = [], [], [0.0]
+
+    def case(name, cost):
+        def run():
+            ran.append(name)
+            now[0] += cost
+        return types.SimpleNamespace(op=name, shape="s", ours={"ours": run})
+
+    monkeypatch.setattr(tuning, "write_tuned_tables", lambda: writes.append(list(ran)) or [])
+    cases = [case("a", 5.0), case("b", 5.0), case("c", 5.0), case("d", 5.0)]
+    left = tune.tune_cases(cases, seconds=7.0, clock=lambda: now[0])
+    assert ran == ["a", "b"] and left == [("c", "s"), ("d", "s")]
+    assert writes == [["a"], ["a", "b"]]  # after every case
+    ran.clear()
+    assert tune.tune_cases(cases, seconds=None, clock=lambda: now[0]) == [] and ran == ["a", "b", "c", "d"]
