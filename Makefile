@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RESULTS ?= bench/results
 
-.PHONY: install bench cmake test gpu-check gpu-wheels tune gpu-train
+.PHONY: install bench cmake test gpu-check gpu-wheels tune gpu-train gpu-sanitize
 
 # torch is never left to pip's resolver: an existing torch (e.g. a CUDA build) is kept, and a bare
 # machine gets the pinned CPU wheel. Triton 3.6 matches the GPU machines (and its CPU interpreter
@@ -66,3 +66,11 @@ gpu-train:
 	$(PIP) install --no-build-isolation --no-deps -e .
 	$(PYTHON) -m musetalk_fast.bench.train_goal --results $(RESULTS) $(if $(VGG),--perceptual-vgg $(VGG)) \
 		$(if $(RUNS),--runs $(RUNS))
+
+# compute-sanitizer memcheck (caching allocator off) over the tests of the kernels that read at data-dependent
+# addresses: sparse attention, top-k, lightning indexer, Engram gather, gated attention varlen
+# ($(RESULTS)/<gpu>-memcheck.txt; bench/sanitize.py).
+gpu-sanitize:
+	@if ls .whl/*.whl >/dev/null 2>&1; then $(PIP) install -q --no-index --no-deps --no-compile .whl/*.whl; fi
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m musetalk_fast.bench.sanitize --results $(RESULTS)
