@@ -19,11 +19,12 @@ import glob
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .test_slices import kill_group
 
 FILES = ["tests/ops/test_sparse_attention.py", "tests/ops/test_topk.py", "tests/ops/test_lightning_indexer.py",
          "tests/ops/test_engram.py", "tests/ops/test_gated_attention.py"]
@@ -58,9 +59,11 @@ def sanitize_file(sanitizer, path, timeout, keyword=None):
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
         output, _ = process.communicate()
         output += f"\nno result in {timeout:.0f} s"
+    finally:
+        kill_group(process)  # nothing the tests started outlives them
     errors = [int(n) for n in SUMMARY.findall(output)]
     tests = [line for line in output.splitlines() if PYTEST_LAST_LINE.search(line)]
     return (sum(errors) if errors else None), (tests[-1].strip("= ") if tests else "no pytest summary"), \

@@ -3,13 +3,22 @@
     --shard I/N      keep the I-th (0-based) of N contiguous slices of the collected tests, so that N
                      processes split one suite; a slice holds neighbouring tests, whose Triton kernels
                      share specialisations, so each process compiles mostly its own
-    --event-log P    append one JSON line to P per event, written as it happens: "collected" (how many
-                     tests this process runs), "start" (a test begins), "report" (a phase ends: setup,
-                     call or teardown, with its outcome and the failure's text). A crash or a timeout
-                     leaves every finished result and names the test that was running.
+    --skip-ids P     then deselect the test ids listed in file P (one a line): a slice started again
+                     after a crash skips what it already reported and the test that crashed
+    --event-log P    append one JSON line to P per event, flushed as it happens:
+                       collected       total (the whole suite's count, before slicing), count (this
+                                       process's), ids (a hash of the whole suite's ordered ids: every
+                                       slice must have seen the same suite)
+                       collect_report  a module that failed to collect (an error) or was skipped
+                       start           a test begins
+                       report          a phase ends (setup, call, teardown): outcome, xfail, seconds, text
+                       finished        the session ended normally (exit status)
+                     A crash or a kill leaves every finished result, and the test that was running is
+                     the last "start" with no teardown report.
 
-Without either option the plugin does nothing.
+Without these options the plugin does nothing.
 """
+import hashlib
 import json
 
 import pytest
@@ -20,6 +29,7 @@ MESSAGE_CHARS = 4000  # a failure's text, kept from its end (the assertion and t
 def pytest_addoption(parser):
     group = parser.getgroup("musetalk_fast", "make gpu-check's test step")
     group.addoption("--shard", default=None, metavar="I/N", help="run the I-th (0-based) of N contiguous slices")
+    group.addoption("--skip-ids", default=None, metavar="PATH", help="deselect the test ids listed in this file")
     group.addoption("--event-log", default=None, metavar="PATH", help="append a JSON line per test event here")
 
 
@@ -49,17 +59,26 @@ class EventLog:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session):
-        self.write(event="collected", count=len(session.items))
+        suite = getattr(session.config, "_musetalk_suite", [item.nodeid for item in session.items])
+        self.write(event="collected", total=len(suite), count=len(session.items),
+                   ids=hashlib.sha1("\n".join(suite).encode()).hexdigest()[:16])
+
+    def pytest_collectreport(self, report):
+        if report.outcome != "passed":
+            self.write(event="collect_report", nodeid=report.nodeid, outcome=report.outcome,
+                       message=report.longreprtext[-MESSAGE_CHARS:])
 
     def pytest_runtest_logstart(self, nodeid, location):
         self.write(event="start", nodeid=nodeid)
 
     def pytest_runtest_logreport(self, report):
-        message = ""
-        if report.outcome != "passed":
-            message = report.longreprtext[-MESSAGE_CHARS:]
         self.write(event="report", nodeid=report.nodeid, when=report.when, outcome=report.outcome,
-                   xfail=hasattr(report, "wasxfail"), duration=round(report.duration, 3), message=message)
+                   xfail=hasattr(report, "wasxfail"), duration=round(report.duration, 3),
+                   message="" if report.passed and not hasattr(report, "wasxfail")
+                   else report.longreprtext[-MESSAGE_CHARS:])
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        self.write(event="finished", exitstatus=int(exitstatus))
 
     def pytest_unconfigure(self, config):
         self.file.close()
@@ -77,10 +96,20 @@ def pytest_configure(config):
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     shard = getattr(config, "_musetalk_shard", None)
-    if shard is None:
+    skip_file = config.getoption("skip_ids")
+    if shard is None and not skip_file:
         return
-    start, stop = shard_bounds(len(items), *shard)
-    deselected = items[:start] + items[stop:]
-    items[:] = items[start:stop]
+    config._musetalk_suite = [item.nodeid for item in items]
+    keep = items
+    if shard is not None:
+        start, stop = shard_bounds(len(items), *shard)
+        keep = items[start:stop]
+    if skip_file:
+        with open(skip_file) as handle:
+            skip = set(handle.read().splitlines())
+        keep = [item for item in keep if item.nodeid not in skip]
+    kept = set(map(id, keep))
+    deselected = [item for item in items if id(item) not in kept]
+    items[:] = keep
     if deselected:
         config.hook.pytest_deselected(items=deselected)

@@ -22,7 +22,9 @@ are a first guess for an H100 (no GPU has run this yet): the JSON says how long 
 The JSON is rewritten after each run, so a command stopped in the l1 run keeps the pmf one. Where one
 command may run only so long (a rented GPU's 10-minute calls), `--runs pmf` and `--runs l1` split it in
 two: each rebuilds the data, VAE and SyncNet from the same seeds (a GPU's VAE may differ in its last
-bits), and a JSON already in the results folder made with the same options keeps its other run.
+bits) and, on a fresh machine, compiles the Triton kernels again (in its first stage's seconds); a JSON
+already in the results folder made with the same options keeps its other run (each run records its
+command and commit).
 """
 import argparse
 import json
@@ -77,12 +79,24 @@ def main(argv=None):
     if work.exists() and any(work.iterdir()) and not (work / MARKER).is_file():
         parser.error(f"argument --work: {work} is a non-empty folder this script did not make (no {MARKER})")
     args.results = args.results or str(work / "results" if args.quick else "bench/results")
+    args.runs = list(dict.fromkeys(args.runs))  # each once, in the order given
 
     import torch
 
+    from .gpu_check import source_commit
     from .run import device_name
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = f"{device_name(device)}-goal"
+    path = Path(args.results) / "train" / f"{name}.json"
+    options = {k: v for k, v in vars(args).items() if k not in SPLIT_OPTIONS}
+    try:  # read now: --quick keeps its results under --work, which is replaced below
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as error:
+        parser.error(f"argument --results: {path} is not a JSON file this script wrote ({error}); move it away")
+    runs = {k: v for k, v in earlier.get("runs", {}).items() if k not in args.runs
+            and earlier.get("shared_options") == options}  # the other run of a split goal
+
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / MARKER).write_text("made by musetalk_fast.bench.train_goal: replaced by its next run\n")
@@ -95,14 +109,8 @@ def main(argv=None):
                             "--steps", args.vae_steps, *progress])
     seconds["syncnet"] = timed(["train-syncnet", "--data", data, "--out", syncnet, "--config", args.config,
                                 "--steps", args.syncnet_steps, *progress])
-    results = Path(args.results) / "train"
+    results = path.parent
     results.mkdir(parents=True, exist_ok=True)
-    name = f"{device_name(device)}-goal"
-    path = results / f"{name}.json"
-    options = {k: v for k, v in vars(args).items() if k not in SPLIT_OPTIONS}
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    runs = {k: v for k, v in earlier.get("runs", {}).items() if k not in args.runs
-            and earlier.get("shared_options") == options}  # the other run of a split goal
     summary = {"command": "python -m musetalk_fast.bench.train_goal " + " ".join(sys.argv[1:] if argv is None
                                                                                   else map(str, argv)),
                "device": device_name(device), "torch": torch.__version__, "options": vars(args),
@@ -122,12 +130,15 @@ def main(argv=None):
                    for split in ("val", "test")}
         runs[run] = {"train_seconds": train, "metrics": metrics, "report": f"{name}-{run}.png",
                      "stage_seconds": stage_seconds, "command": summary["command"], "command_seconds": seconds,
+                     "commit": source_commit(),
                      "goals_met": goals_met(train, metrics)}
         shutil.copy(out / "report.png", results / f"{name}-{run}.png")
         print(f"{run}: both stages {train:.0f} s; " + "; ".join(
             f"{split} correlation {m['opening_correlation']:.3f}, closed {m['silent_closed_share']:.1%}"
             for split, m in metrics.items()), flush=True)
-        path.write_text(json.dumps(summary, indent=1) + "\n")  # after each run: a stopped command keeps it
+        temporary = path.with_name(path.name + ".tmp")  # after each run (a stopped command keeps it), whole
+        temporary.write_text(json.dumps(summary, indent=1) + "\n")
+        temporary.replace(path)
         print(f"wrote {path}", flush=True)
     return summary
 

@@ -1,16 +1,20 @@
-"""make gpu-check's driver (bench/gpu_check.py) and its pytest plugin (bench/test_log.py): the suite split
-into slices run side by side, every result kept through a crash or the time cap, the failures named;
+"""make gpu-check's driver (bench/gpu_check.py), its test step (bench/test_slices.py) and pytest plugin
+(bench/test_log.py): the suite split into slices run side by side, every result kept through a crash
+(the slice going on without the test that crashed) or the time cap, the failures named;
 the benchmark's rows kept when it is capped; every benchmark row of ours given its ratio to the best
 baseline."""
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from musetalk_fast.bench import gpu_check
+from musetalk_fast.bench import gpu_check, test_slices
 from musetalk_fast.bench import run as bench_run
 from musetalk_fast.bench.test_log import shard_bounds
+from musetalk_fast.bench.test_slices import run_tests
 
 CPU_RESULTS = Path(__file__).parents[1] / "bench" / "results" / "cpu-x86_64.json"
 
@@ -25,51 +29,74 @@ def test_ok_1(): assert True
 def test_bad(): assert 1 == 2, "one is not two"
 @pytest.mark.skip(reason="x")
 def test_skip(): pass
+def test_skip_in_body(): pytest.skip("not here")
 @pytest.mark.xfail(reason="known")
 def test_xfail(): assert False
+@pytest.mark.xfail(reason="fixed?")
+def test_xpass(): pass
 def test_setup_error(broken): pass
 def test_ok_2(): assert True
 """
 
 
-def write_suite(root, body):
-    (root / "tests").mkdir()
-    (root / "tests" / "test_example.py").write_text(body)
+def write_suite(root, body, name="test_example.py"):
+    (root / "tests").mkdir(exist_ok=True)
+    (root / "tests" / name).write_text(body)
 
 
 def read_log(path):
     return {t["nodeid"].split("::")[-1]: t for t in map(json.loads, path.read_text().splitlines())}
 
 
-@pytest.mark.parametrize("workers, slices", [(1, None), (2, 3)])
+def run(tmp_path, monkeypatch, timeout=120, workers=2, slices=2):
+    monkeypatch.chdir(tmp_path)
+    return run_tests(tmp_path / "tests.jsonl", timeout=timeout, workers=workers, slices=slices)
+
+
+@pytest.mark.parametrize("workers, slices", [(1, 1), (2, 3)])
 def test_counts_and_names_every_outcome(tmp_path, monkeypatch, workers, slices):
     write_suite(tmp_path, SUITE)
-    monkeypatch.chdir(tmp_path)
-    line, details, ok = gpu_check.run_tests(tmp_path / "tests.jsonl", timeout=120, workers=workers, slices=slices)
-    assert re.fullmatch(r"tests: 2 passed, 1 failed, 1 errors, 2 skipped, 0 not run, crashed: no \| \d+ s \| "
+    line, details, ok = run(tmp_path, monkeypatch, workers=workers, slices=slices)
+    assert re.fullmatch(r"tests: 3 passed, 1 failed, 1 errors, 3 skipped, 0 not run, crashed: no \| \d+ s \| "
                         rf"{workers} processes", line), line
     assert not ok
     assert sorted(details) == ["ERROR tests/test_example.py::test_setup_error | RuntimeError: fixture broke",
                                "FAILED tests/test_example.py::test_bad | AssertionError: one is not two"], details
     log = read_log(tmp_path / "tests.jsonl")
     assert {name: t["outcome"] for name, t in log.items()} == {
-        "test_ok_1": "passed", "test_bad": "failed", "test_skip": "skipped", "test_xfail": "skipped",
-        "test_setup_error": "error", "test_ok_2": "passed"}
+        "test_ok_1": "passed", "test_bad": "failed", "test_skip": "skipped", "test_skip_in_body": "skipped",
+        "test_xfail": "xfailed", "test_xpass": "xpassed", "test_setup_error": "error", "test_ok_2": "passed"}
     assert "assert 1 == 2" in log["test_bad"]["message"] and log["test_ok_1"]["message"] == ""
-    assert not list(tmp_path.glob(".tests.jsonl.parts"))  # the slices' own logs are cleaned up
+    assert "not here" in log["test_skip_in_body"]["message"]  # a skip keeps its reason
+    assert not (tmp_path / ".tests.jsonl.parts").exists()  # the slices' own files are cleaned up
 
 
-def test_a_passing_suite_is_ok(tmp_path, monkeypatch):
+def test_a_passing_suite_is_ok_and_an_empty_one_is_not(tmp_path, monkeypatch):
     write_suite(tmp_path, "def test_a(): pass\ndef test_b(): pass\n")
-    monkeypatch.chdir(tmp_path)
-    line, details, ok = gpu_check.run_tests(tmp_path / "tests.jsonl", timeout=120, workers=2, slices=2)
+    line, details, ok = run(tmp_path, monkeypatch)
     assert line.startswith("tests: 2 passed, 0 failed, 0 errors, 0 skipped, 0 not run, crashed: no |"), line
     assert ok and details == []
+    write_suite(tmp_path, "x = 1\n")
+    line, details, ok = run(tmp_path / "tests", monkeypatch)  # a root with no tests
+    assert not ok and "NO TESTS collected" in details, (line, details)
 
 
-def test_a_crash_names_its_test_and_keeps_the_other_results(tmp_path, monkeypatch):
-    """Slice 0 of 2 holds test_a, test_crash, test_after: the crash ends it before test_after; slice 1
-    (test_c, test_d, test_e) runs to its end."""
+def test_a_module_that_fails_to_collect_is_an_error_and_the_rest_runs(tmp_path, monkeypatch):
+    write_suite(tmp_path, "def test_a(): pass\ndef test_b(): assert False\n")
+    write_suite(tmp_path, "def test_x(:\n", name="test_syntax.py")
+    write_suite(tmp_path, "import pytest\npytest.importorskip('no_such_module_here')\n", name="test_optional.py")
+    line, details, ok = run(tmp_path, monkeypatch)
+    assert line.startswith("tests: 1 passed, 1 failed, 1 errors, 1 skipped, 0 not run, crashed: no |"), line
+    assert not ok
+    assert any(d.startswith("ERROR tests/test_syntax.py | ") for d in details), details
+    assert set(read_log(tmp_path / "tests.jsonl")) == {"tests/test_syntax.py", "tests/test_optional.py",
+                                                       "test_a", "test_b"}
+
+
+def test_a_crash_names_its_test_and_the_slice_goes_on_without_it(tmp_path, monkeypatch):
+    """Slice 0 of 2 holds test_a, test_crash, test_after: the crash ends its process, the test is named,
+    and the slice starts again without test_a and test_crash; slice 1 (test_c, test_d, test_e) runs
+    as usual. Only the crashed test is not run."""
     write_suite(tmp_path, "import os, signal\n"
                           "def test_a(): pass\n"
                           "def test_crash(): os.kill(os.getpid(), signal.SIGSEGV)\n"
@@ -77,25 +104,65 @@ def test_a_crash_names_its_test_and_keeps_the_other_results(tmp_path, monkeypatc
                           "def test_c(): pass\n"
                           "def test_d(): assert False\n"
                           "def test_e(): pass\n")
-    monkeypatch.chdir(tmp_path)
-    line, details, ok = gpu_check.run_tests(tmp_path / "tests.jsonl", timeout=120, workers=2, slices=2)
-    assert line.startswith("tests: 3 passed, 1 failed, 0 errors, 0 skipped, 2 not run, crashed: yes (1 of 2 "
-                           "slices) |"), line
+    line, details, ok = run(tmp_path, monkeypatch)
+    assert line.startswith("tests: 4 passed, 1 failed, 0 errors, 0 skipped, 1 not run, crashed: yes (1) |"), line
     assert not ok
     assert details[0].startswith("CRASHED slice 0/2 (SIGSEGV) in tests/test_example.py::test_crash"), details
     assert details[1].startswith("FAILED tests/test_example.py::test_d"), details
-    assert set(read_log(tmp_path / "tests.jsonl")) == {"test_a", "test_c", "test_d", "test_e"}
+    assert set(read_log(tmp_path / "tests.jsonl")) == {"test_a", "test_after", "test_c", "test_d", "test_e"}
+
+
+def test_an_exit_in_the_middle_is_a_crash_and_restarts_are_bounded(tmp_path, monkeypatch):
+    """os._exit(0) in a test ends its process with a clean exit code: still a crash. A test that always
+    kills its process, repeated, uses up the slice's restarts."""
+    write_suite(tmp_path, "import os\n"
+                          "def test_exit(): os._exit(0)\n"
+                          "def test_after(): pass\n")
+    line, details, ok = run(tmp_path, monkeypatch, workers=1, slices=1)
+    assert line.startswith("tests: 1 passed, 0 failed, 0 errors, 0 skipped, 1 not run, crashed: yes (1) |"), line
+    assert details == [d for d in details if d.startswith("CRASHED slice 0/1 (pytest exit 0) in "
+                                                          "tests/test_example.py::test_exit")] and len(details) == 1
+    body = "import os\n" + "".join(f"def test_{i}(): os._exit(3)\n" for i in range(6))
+    (tmp_path / "tests" / "test_example.py").write_text(body)
+    line, details, ok = run(tmp_path, monkeypatch, workers=1, slices=1)
+    crashes = [d for d in details if d.startswith("CRASHED")]
+    assert len(crashes) == 1 + test_slices.RESTARTS and "6 not run" in line, (line, details)
 
 
 def test_the_time_cap_keeps_what_finished_and_names_the_running_test(tmp_path, monkeypatch):
     write_suite(tmp_path, "import time\n"
                           "def test_quick(): pass\n"
-                          "def test_slow(): time.sleep(600)\n")
-    monkeypatch.chdir(tmp_path)
-    line, details, ok = gpu_check.run_tests(tmp_path / "tests.jsonl", timeout=20, workers=1, slices=1)
-    assert line.startswith("tests: 1 passed, 0 failed, 0 errors, 0 skipped, 1 not run, crashed: yes"), line
-    assert details == ["CRASHED slice 0/1 (no result in 20 s) in tests/test_example.py::test_slow"], details
+                          "def test_slow(): time.sleep(600)\n"
+                          "def test_later_1(): pass\n"
+                          "def test_later_2(): pass\n")
+    line, details, ok = run(tmp_path, monkeypatch, timeout=30, workers=1, slices=2)
+    assert line.startswith("tests: 1 passed, 0 failed, 0 errors, 0 skipped, 3 not run, crashed: no"), line
+    assert details == ["STOPPED slice 0/2 at the time cap (30 s) in tests/test_example.py::test_slow",
+                       "NOT STARTED slice 1/2 (time cap 30 s)"], details
     assert not ok
+
+
+def test_nothing_a_slice_started_outlives_it(tmp_path, monkeypatch):
+    """A test that leaves a child process behind (a compile worker, a server): it dies with its slice."""
+    import os
+
+    write_suite(tmp_path, "import subprocess\n"
+                          "def test_spawn(tmp_path_factory):\n"
+                          "    child = subprocess.Popen(['sleep', '300'])\n"
+                          f"    open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid))\n")
+    line, details, ok = run(tmp_path, monkeypatch, workers=1, slices=1)
+    assert ok, (line, details)
+    pid = int((tmp_path / "pid").read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # killed, not yet reaped by its new parent
+            break
+        __import__("time").sleep(0.1)
+    else:
+        pytest.fail(f"the slice's child {pid} is still running")
 
 
 @pytest.mark.parametrize("total", [0, 1, 7, 64])
@@ -108,16 +175,15 @@ def test_shards_partition_the_suite(total, count):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_a_bad_shard_is_refused(tmp_path, monkeypatch):
+def test_a_bad_shard_or_worker_count_is_refused(tmp_path, monkeypatch):
     write_suite(tmp_path, "def test_a(): pass\n")
     monkeypatch.chdir(tmp_path)
-    import subprocess
-    import sys
-
     for shard in ("2/2", "x/3"):
         result = subprocess.run([sys.executable, "-m", "pytest", "tests", "-p", "musetalk_fast.bench.test_log",
                                  f"--shard={shard}"], capture_output=True, text=True)
         assert result.returncode == 4 and "--shard" in result.stderr, (shard, result.stderr)
+    with pytest.raises(ValueError, match="workers"):
+        run_tests(tmp_path / "tests.jsonl", timeout=10, workers=0)
 
 
 def test_the_benchmark_keeps_its_rows_when_stopped(tmp_path, monkeypatch):

@@ -73,6 +73,22 @@ def test_a_goal_split_in_two_commands_keeps_both_runs(tmp_path, monkeypatch):
     assert list(summary["runs"]) == ["l1"]
 
 
+def test_quick_halves_keep_each_other_and_a_broken_json_is_refused_first(tmp_path, monkeypatch, capsys):
+    """--quick keeps its results under --work, which each command replaces: the earlier JSON is read
+    before. A JSON cut short is refused before any training, naming it."""
+    commands = record_commands(tmp_path, monkeypatch)
+    train_goal.main(["--quick", "--work", "work", "--runs", "pmf"])
+    summary = train_goal.main(["--quick", "--work", "work", "--runs", "l1", "l1"])  # a repeated run runs once
+    assert sorted(summary["runs"]) == ["l1", "pmf"] and summary["runs"]["l1"]["commit"]
+    assert sum(c[0] == "train" for c in commands) == 4
+    path = tmp_path / "work" / "results" / "train" / f"{summary['device']}-goal.json"
+    path.write_text(path.read_text()[:50])
+    commands.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        train_goal.main(["--quick", "--work", "work", "--runs", "l1"])
+    assert exit_info.value.code == 2 and "not a JSON file" in capsys.readouterr().err and commands == []
+
+
 def test_train_goal_refuses_a_work_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     monkeypatch.setattr("musetalk_fast.cli.main", lambda argv: pytest.fail("nothing may run"))
