@@ -5,23 +5,12 @@ printed last and written beside the results.
     python -m musetalk_fast.bench.gpu_check [--results bench/results] [--workers N]
 
 The tests run as slices of the suite in several pytest processes at once (bench/test_slices.py: Triton
-compiles on the CPU cores), each logging its results as they happen: a crash ends only its slice, which
-starts again without the test that crashed (named); the time cap keeps every finished result. The
-benchmark runs alone afterwards (timings on a quiet GPU) and keeps its rows if it is capped. Writes
-<results>/<gpu>.json and .png (the benchmark), <gpu>-tests.jsonl (a line per test: outcome, seconds,
-failure text) and <gpu>-gpu-check.txt (the summary, written once the tests end and again at the end).
-The summary's format is stable:
-
-    gpu-check <gpu> | torch <v> | triton <v> | commit <sha>
-    tests: <n> passed, <n> failed, <n> errors, <n> skipped, <n> not run, crashed: <no|yes (<k>)> | <s> s | <n> processes
-    CRASHED slice <i>/<n> (<signal or exit>) in <test id>: <its last output lines>        (per crash)
-    STOPPED slice <i>/<n> at the time cap (<s> s) in <test id>        (per slice the cap stopped)
-    NOT STARTED slice <i>/<n> (time cap <s> s)                         (per slice the cap left out)
-    FAILED <test id> | <the exception line>        (also ERROR: setup, teardown, collection; at most 30)
-    bench: [FAILED (<why>) after ]<n> rows | <s> s | <path>
-    <op> | <shape> | <impl> <ms> ms | best baseline <name> <ms> ms | <ratio>x | roofline <pct>%
-    ...
-    total: <s> s
+compiles on the CPU cores), each logging its results as they happen: a crash ends only its slice's
+process, which starts again without what crashed (named); the time cap and a SIGTERM keep every finished
+result. The benchmark runs alone afterwards (timings on a quiet GPU) and keeps its rows if it is capped.
+Writes <results>/<gpu>.json and .png (the benchmark), <gpu>-tests.jsonl (a line per test of the suite:
+outcome, seconds, failure text) and <gpu>-gpu-check.txt (the summary, written once the tests end and
+again at the end; README.md "On a GPU machine" has its format).
 """
 import argparse
 import json
@@ -32,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .test_slices import kill_group, run_tests
+from .test_slices import cores, die_with_parent, kill_group, run_tests
 
 
 def run_bench(results, timeout):
@@ -40,7 +29,7 @@ def run_bench(results, timeout):
     JSON after every case, so a cap or a crash keeps the rows done so far."""
     start = time.time()
     command = [sys.executable, "-m", "musetalk_fast.bench.run", "--out", str(results)]
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
     try:
         code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -114,23 +103,29 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         print("gpu-check: no GPU here; running the same steps on the CPU", flush=True)
-    workers = args.workers or (min(8, os.cpu_count() or 1) if device == "cuda" else 1)
+    workers = args.workers or (min(8, cores()) if device == "cuda" else 1)
     name = device_name(device)
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    for stale in (f"{name}.json", f"{name}.json.tmp", f"{name}.png", f"{name}-gpu-check.txt"):
+    summary = results / f"{name}-gpu-check.txt"
+    for stale in (f"{name}.json", f"{name}.json.tmp", f"{name}.png", f"{name}-tests.jsonl", summary.name):
         (results / stale).unlink(missing_ok=True)  # never report an earlier run's results
-    header = f"gpu-check {name} | torch {torch.__version__} | triton {triton.__version__} | commit {source_commit()}"
-
-    tests, test_details, tests_ok = run_tests(results / f"{name}-tests.jsonl", args.test_timeout, workers)
-    write_summary(results / f"{name}-gpu-check.txt", [header, tests, *test_details, "bench: not run yet"])
-    bench_json = results / f"{name}.json"
-    code, bench_seconds = run_bench(results, args.bench_timeout)
-    rows = bench_lines(bench_json) if bench_json.exists() else []
-    status = "" if code == 0 else f"FAILED ({code}) after "
-    lines = [header, tests, *test_details, f"bench: {status}{len(rows)} rows | {bench_seconds:.0f} s | {bench_json}",
-             *rows, f"total: {time.time() - start:.0f} s"]
-    print("\n" + write_summary(results / f"{name}-gpu-check.txt", lines), end="")
+    lines = [f"gpu-check {name} | torch {torch.__version__} | triton {triton.__version__} | commit {source_commit()}"]
+    tests_ok = code = None
+    try:
+        tests, test_details, tests_ok = run_tests(results / f"{name}-tests.jsonl", args.test_timeout, workers)
+        lines += [tests, *test_details]
+        write_summary(summary, [*lines, "bench: not run yet"])
+        bench_json = results / f"{name}.json"
+        code, bench_seconds = run_bench(results, args.bench_timeout)
+        rows = bench_lines(bench_json) if bench_json.exists() else []
+        status = "" if code == 0 else f"FAILED ({code}) after "
+        lines += [f"bench: {status}{len(rows)} rows | {bench_seconds:.0f} s | {bench_json}", *rows]
+    finally:  # also when stopped (SIGTERM): what ran is summarised
+        if code is None:
+            lines.append("INTERRUPTED: " + ("during the benchmark" if tests_ok is not None else "during the tests"))
+        lines.append(f"total: {time.time() - start:.0f} s")
+        print("\n" + write_summary(summary, lines), end="")
     sys.exit(0 if tests_ok and code == 0 else 1)
 
 

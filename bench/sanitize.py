@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from .test_slices import kill_group
+from .test_slices import die_with_parent, kill_group
 
 FILES = ["tests/ops/test_sparse_attention.py", "tests/ops/test_topk.py", "tests/ops/test_lightning_indexer.py",
          "tests/ops/test_engram.py", "tests/ops/test_gated_attention.py"]
@@ -55,7 +55,7 @@ def sanitize_file(sanitizer, path, timeout, keyword=None):
     start = time.time()
     # its own process group: at the cap the sanitizer and the python under it are killed together
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=die_with_parent)
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -6,9 +6,11 @@
     --skip-ids P     then deselect the test ids listed in file P (one a line): a slice started again
                      after a crash skips what it already reported and the test that crashed
     --event-log P    append one JSON line to P per event, flushed as it happens:
-                       collected       total (the whole suite's count, before slicing), count (this
-                                       process's), ids (a hash of the whole suite's ordered ids: every
-                                       slice must have seen the same suite)
+                       collecting      a module's collection begins (a crash there names it)
+                       collected       total (the whole suite's count, before slicing), items (this
+                                       process's test ids, in order), ids (a hash of the whole suite's
+                                       ordered ids: every slice must have seen the same suite), and for
+                                       slice 0 suite (the whole suite's ids)
                        collect_report  a module that failed to collect (an error) or was skipped
                        start           a test begins
                        report          a phase ends (setup, call, teardown): outcome, xfail, seconds, text
@@ -57,11 +59,18 @@ class EventLog:
         self.file.write(json.dumps(event) + "\n")
         self.file.flush()
 
+    def pytest_collectstart(self, collector):
+        if isinstance(collector, pytest.Module):
+            self.write(event="collecting", path=str(collector.path), nodeid=collector.nodeid)
+
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session):
         suite = getattr(session.config, "_musetalk_suite", [item.nodeid for item in session.items])
+        shard = getattr(session.config, "_musetalk_shard", (0, 1))
         self.write(event="collected", total=len(suite), count=len(session.items),
-                   ids=hashlib.sha1("\n".join(suite).encode()).hexdigest()[:16])
+                   items=[item.nodeid for item in session.items],
+                   ids=hashlib.sha1("\n".join(suite).encode()).hexdigest()[:16],
+                   **({"suite": suite} if shard[0] == 0 else {}))
 
     def pytest_collectreport(self, report):
         if report.outcome != "passed":

@@ -92,7 +92,9 @@ def main(argv=None):
     options = {k: v for k, v in vars(args).items() if k not in SPLIT_OPTIONS}
     try:  # read now: --quick keeps its results under --work, which is replaced below
         earlier = json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError as error:
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("runs", {}), dict):
+            raise ValueError("no runs in it")
+    except ValueError as error:  # not JSON, not text, not ours
         parser.error(f"argument --results: {path} is not a JSON file this script wrote ({error}); move it away")
     runs = {k: v for k, v in earlier.get("runs", {}).items() if k not in args.runs
             and earlier.get("shared_options") == options}  # the other run of a split goal

@@ -94,9 +94,9 @@ def test_a_module_that_fails_to_collect_is_an_error_and_the_rest_runs(tmp_path, 
 
 
 def test_a_crash_names_its_test_and_the_slice_goes_on_without_it(tmp_path, monkeypatch):
-    """Slice 0 of 2 holds test_a, test_crash, test_after: the crash ends its process, the test is named,
-    and the slice starts again without test_a and test_crash; slice 1 (test_c, test_d, test_e) runs
-    as usual. Only the crashed test is not run."""
+    """Slice 0 of 2 holds test_a, test_crash, test_after: the crash ends its process, the test is named
+    with Python's fatal error and its frame, and the slice starts again without test_a and test_crash;
+    slice 1 (test_c, test_d, test_e) runs as usual. Only the crashed test is not run."""
     write_suite(tmp_path, "import os, signal\n"
                           "def test_a(): pass\n"
                           "def test_crash(): os.kill(os.getpid(), signal.SIGSEGV)\n"
@@ -107,38 +107,57 @@ def test_a_crash_names_its_test_and_the_slice_goes_on_without_it(tmp_path, monke
     line, details, ok = run(tmp_path, monkeypatch)
     assert line.startswith("tests: 4 passed, 1 failed, 0 errors, 0 skipped, 1 not run, crashed: yes (1) |"), line
     assert not ok
-    assert details[0].startswith("CRASHED slice 0/2 (SIGSEGV) in tests/test_example.py::test_crash"), details
+    assert re.match(r"CRASHED slice 0/2 \(SIGSEGV\) in tests/test_example.py::test_crash: Fatal Python error: "
+                    r"Segmentation fault / File .*test_example.py\", line 3 in test_crash$", details[0]), details
     assert details[1].startswith("FAILED tests/test_example.py::test_d"), details
-    assert set(read_log(tmp_path / "tests.jsonl")) == {"test_a", "test_after", "test_c", "test_d", "test_e"}
+    log = read_log(tmp_path / "tests.jsonl")
+    assert {name: t["outcome"] for name, t in log.items()} == {
+        "test_a": "passed", "test_crash": "crashed", "test_after": "passed", "test_c": "passed",
+        "test_d": "failed", "test_e": "passed"}  # a line per test of the suite, in its order
+    assert list(log) == ["test_a", "test_crash", "test_after", "test_c", "test_d", "test_e"]
 
 
-def test_an_exit_in_the_middle_is_a_crash_and_restarts_are_bounded(tmp_path, monkeypatch):
-    """os._exit(0) in a test ends its process with a clean exit code: still a crash. A test that always
-    kills its process, repeated, uses up the slice's restarts."""
+def test_an_exit_in_the_middle_is_a_crash_and_a_module_that_keeps_crashing_is_left(tmp_path, monkeypatch):
+    """os._exit(0) in a test ends its process with a clean exit code: still a crash. A module whose every
+    test kills its process (a module-scoped fixture, say) is left out after MODULE_CRASHES crashes, and
+    the next module of the slice runs."""
     write_suite(tmp_path, "import os\n"
                           "def test_exit(): os._exit(0)\n"
                           "def test_after(): pass\n")
     line, details, ok = run(tmp_path, monkeypatch, workers=1, slices=1)
     assert line.startswith("tests: 1 passed, 0 failed, 0 errors, 0 skipped, 1 not run, crashed: yes (1) |"), line
-    assert details == [d for d in details if d.startswith("CRASHED slice 0/1 (pytest exit 0) in "
-                                                          "tests/test_example.py::test_exit")] and len(details) == 1
+    assert len(details) == 1 and details[0].startswith(
+        "CRASHED slice 0/1 (exit 0) in tests/test_example.py::test_exit"), details
     body = "import os\n" + "".join(f"def test_{i}(): os._exit(3)\n" for i in range(6))
     (tmp_path / "tests" / "test_example.py").write_text(body)
+    write_suite(tmp_path, "def test_fine(): pass\n", name="test_later.py")
     line, details, ok = run(tmp_path, monkeypatch, workers=1, slices=1)
-    crashes = [d for d in details if d.startswith("CRASHED")]
-    assert len(crashes) == 1 + test_slices.RESTARTS and "6 not run" in line, (line, details)
+    assert line.startswith("tests: 1 passed, 0 failed, 0 errors, 0 skipped, 6 not run, crashed: yes (2) |"), line
+    outcomes = [t["outcome"] for t in read_log(tmp_path / "tests.jsonl").values()]
+    assert outcomes == ["crashed"] * test_slices.MODULE_CRASHES + ["not run"] * 4 + ["passed"], outcomes
 
 
-def test_the_time_cap_keeps_what_finished_and_names_the_running_test(tmp_path, monkeypatch):
-    write_suite(tmp_path, "import time\n"
-                          "def test_quick(): pass\n"
-                          "def test_slow(): time.sleep(600)\n"
-                          "def test_later_1(): pass\n"
-                          "def test_later_2(): pass\n")
-    line, details, ok = run(tmp_path, monkeypatch, timeout=30, workers=1, slices=2)
-    assert line.startswith("tests: 1 passed, 0 failed, 0 errors, 0 skipped, 3 not run, crashed: no"), line
-    assert details == ["STOPPED slice 0/2 at the time cap (30 s) in tests/test_example.py::test_slow",
-                       "NOT STARTED slice 1/2 (time cap 30 s)"], details
+def test_a_module_whose_import_crashes_is_named_and_left_out(tmp_path, monkeypatch):
+    write_suite(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\ndef test_never(): pass\n",
+                name="test_boom.py")
+    write_suite(tmp_path, "".join(f"def test_{i}(): pass\n" for i in range(4)), name="test_fine.py")
+    line, details, ok = run(tmp_path, monkeypatch)
+    assert line.startswith("tests: 4 passed, 0 failed, 1 errors, 0 skipped, 0 not run, crashed: yes"), line
+    assert not ok
+    assert all(d.startswith("CRASHED slice") and "while collecting tests/test_boom.py" in d
+               for d in details if d.startswith("CRASHED")), details
+    assert "ERROR tests/test_boom.py | the process died collecting this module (left out of later processes)" \
+        in details, details
+
+
+def test_a_crash_at_exit_after_every_test_is_named_once_per_process_not_restarted(tmp_path, monkeypatch):
+    write_suite(tmp_path, "import atexit, os, signal\n"
+                          "atexit.register(lambda: os.kill(os.getpid(), signal.SIGSEGV))\n"
+                          "def test_a(): pass\ndef test_b(): pass\n")
+    line, details, ok = run(tmp_path, monkeypatch)
+    assert line.startswith("tests: 2 passed, 0 failed, 0 errors, 0 skipped, 0 not run, crashed: yes (2) |"), line
+    assert [d.split(":")[0] for d in details] == ["CRASHED slice 0/2 (SIGSEGV) at exit, after its tests",
+                                                  "CRASHED slice 1/2 (SIGSEGV) at exit, after its tests"], details
     assert not ok
 
 

@@ -87,6 +87,11 @@ def test_quick_halves_keep_each_other_and_a_broken_json_is_refused_first(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         train_goal.main(["--quick", "--work", "work", "--runs", "l1"])
     assert exit_info.value.code == 2 and "not a JSON file" in capsys.readouterr().err and commands == []
+    for broken in (b"[]", b"\xff\xfe not text"):
+        path.write_bytes(broken)
+        with pytest.raises(SystemExit) as exit_info:
+            train_goal.main(["--quick", "--work", "work", "--runs", "l1"])
+        assert exit_info.value.code == 2 and "not a JSON file" in capsys.readouterr().err and commands == []
 
 
 def test_train_goal_refuses_a_work_folder_it_did_not_make(tmp_path, monkeypatch, capsys):
