@@ -15,6 +15,10 @@
                        start           a test begins
                        report          a phase ends (setup, call, teardown): outcome, xfail, seconds, text
                        finished        the session ended normally (exit status)
+                       cuda_context_lost  a test failed with a CUDA error that poisons the process's CUDA
+                                       context (an illegal address, a device-side assert...): every later
+                                       test would fail with it, so the process ends after that test's
+                                       teardown (exit CONTEXT_LOST_EXIT) and its slice starts again
                      A crash or a kill leaves every finished result, and the test that was running is
                      the last "start" with no teardown report.
 
@@ -22,10 +26,17 @@ Without these options the plugin does nothing.
 """
 import hashlib
 import json
+import os
+import re
 
 import pytest
 
 MESSAGE_CHARS = 4000  # a failure's text, kept from its end (the assertion and the line that raised)
+# CUDA errors after which the context is unusable (cudaErrorIllegalAddress, LaunchFailure, Assert,
+# MisalignedAddress, IllegalInstruction...): torch and Triton word them like this
+STICKY_CUDA_ERROR = re.compile(r"illegal memory access|illegal address|unspecified launch failure|device-side assert"
+                               r"|misaligned address|illegal instruction|hardware stack error")
+CONTEXT_LOST_EXIT = 86
 
 
 def pytest_addoption(parser):
@@ -54,6 +65,7 @@ def shard_bounds(total, index, count):
 class EventLog:
     def __init__(self, path):
         self.file = open(path, "a", buffering=1)  # line-buffered: each event reaches the file at once
+        self.context_lost = None
 
     def write(self, **event):
         self.file.write(json.dumps(event) + "\n")
@@ -81,10 +93,20 @@ class EventLog:
         self.write(event="start", nodeid=nodeid)
 
     def pytest_runtest_logreport(self, report):
+        message = "" if report.passed and not hasattr(report, "wasxfail") else report.longreprtext[-MESSAGE_CHARS:]
         self.write(event="report", nodeid=report.nodeid, when=report.when, outcome=report.outcome,
-                   xfail=hasattr(report, "wasxfail"), duration=round(report.duration, 3),
-                   message="" if report.passed and not hasattr(report, "wasxfail")
-                   else report.longreprtext[-MESSAGE_CHARS:])
+                   xfail=hasattr(report, "wasxfail"), duration=round(report.duration, 3), message=message)
+        if report.failed and self.context_lost is None and "CUDA" in message:
+            lines = [line for line in message.splitlines() if STICKY_CUDA_ERROR.search(line)]
+            raised = [line[1:] for line in lines if line.startswith("E ")]  # the exception, not the source line
+            if lines:
+                self.context_lost = (report.nodeid, (raised or lines)[0].strip()[:300])
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        if self.context_lost is not None:  # after the test's teardown: its results are all logged
+            self.write(event="cuda_context_lost", nodeid=self.context_lost[0], message=self.context_lost[1])
+            self.file.close()
+            os._exit(CONTEXT_LOST_EXIT)
 
     def pytest_sessionfinish(self, session, exitstatus):
         self.write(event="finished", exitstatus=int(exitstatus))

@@ -3,7 +3,8 @@
 its results as they happen (bench/test_log.py).
 
 - A crash (a signal, a CUDA error that ends the process, an exit in the middle) ends only its slice's
-  process. The test it hit is named, and the slice starts again without the tests it reported and the
+  process; so does a test failing with a CUDA error that poisons the process's context (an illegal
+  address, a device-side assert: every later test of the process would fail with it). The test it hit is named, and the slice starts again without the tests it reported and the
   one that crashed; after MODULE_CRASHES crashes in one module, without the rest of that module. A
   module whose import crashes is named and left out of every later process. A slice starts again only
   when something new is left out, at most RESTARTS times.
@@ -190,6 +191,7 @@ class SliceRunner:
         if (code in PYTEST_DONE and run is not None and run["finished"] and run["running"] is None
                 and len(run["reported"]) >= run["count"]):
             return  # ran to its end
+        lost = [e for e in events if e["event"] == "cuda_context_lost"]
         if run is None:
             modules = [e for e in events if e["event"] == "collecting"]
             if modules:  # its import (or its collection) killed the process: every later process leaves it out
@@ -197,6 +199,8 @@ class SliceRunner:
                 self.ignored[modules[-1]["path"]] = modules[-1]["nodeid"]
             else:
                 where = "before collecting"
+        elif lost:
+            where = f"after {lost[0]['nodeid']} (its CUDA context lost)"
         elif run["running"]:
             where = f"in {run['running']}"
             self.crashed.add(run["running"])
@@ -209,7 +213,8 @@ class SliceRunner:
             where = "at exit, after its tests"
         else:
             where = "between tests"
-        line = f"CRASHED slice {index}/{self.slices} ({exit_name(code)}) {where}: {crash_text(output)}"
+        why = lost[0]["message"] if lost else crash_text(output)
+        line = f"CRASHED slice {index}/{self.slices} ({'ended' if lost else exit_name(code)}) {where}: {why}"
         if where == "at exit, after its tests":
             self.crashes.append(line)
             return

@@ -150,13 +150,33 @@ def test_a_module_whose_import_crashes_is_named_and_left_out(tmp_path, monkeypat
         in details, details
 
 
+def test_a_test_that_poisons_the_cuda_context_ends_its_process_and_the_slice_goes_on(tmp_path, monkeypatch):
+    """A CUDA error such as an illegal address leaves the process's context unusable: the test is failed,
+    its process ends after its teardown, and the next test runs in a fresh process (another pid)."""
+    pid = tmp_path / "pid"
+    write_suite(tmp_path, "import os\n"
+                          "def test_bad_kernel():\n"
+                          f"    open({str(pid)!r}, 'w').write(str(os.getpid()))\n"
+                          "    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+                          "def test_next():\n"
+                          f"    assert open({str(pid)!r}).read() != str(os.getpid())\n"
+                          "def test_plain_failure(): raise RuntimeError('CUDA out of memory')\n"
+                          "def test_last(): pass\n")
+    line, details, ok = run(tmp_path, monkeypatch, workers=1, slices=1)
+    assert line.startswith("tests: 2 passed, 2 failed, 0 errors, 0 skipped, 0 not run, crashed: yes (1) |"), line
+    assert details[0] == ("CRASHED slice 0/1 (ended) after tests/test_example.py::test_bad_kernel (its CUDA "
+                          "context lost): RuntimeError: CUDA error: an illegal memory access was "
+                          "encountered"), details
+    assert not ok
+
+
 def test_a_crash_at_exit_after_every_test_is_named_once_per_process_not_restarted(tmp_path, monkeypatch):
     write_suite(tmp_path, "import atexit, os, signal\n"
                           "atexit.register(lambda: os.kill(os.getpid(), signal.SIGSEGV))\n"
                           "def test_a(): pass\ndef test_b(): pass\n")
     line, details, ok = run(tmp_path, monkeypatch)
     assert line.startswith("tests: 2 passed, 0 failed, 0 errors, 0 skipped, 0 not run, crashed: yes (2) |"), line
-    assert [d.split(":")[0] for d in details] == ["CRASHED slice 0/2 (SIGSEGV) at exit, after its tests",
+    assert sorted(d.split(":")[0] for d in details) == ["CRASHED slice 0/2 (SIGSEGV) at exit, after its tests",
                                                   "CRASHED slice 1/2 (SIGSEGV) at exit, after its tests"], details
     assert not ok
 
