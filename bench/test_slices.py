@@ -122,14 +122,22 @@ def kill_group(process):
         pass
 
 
-def die_with_parent():
-    """In the child before exec (Linux): SIGKILL when the process that started it dies, however it dies."""
+def _prctl():
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()  # resolved here, in the parent: the child between fork and exec only calls it
+
+
+def die_with_parent():
+    """In the child before exec (Linux): SIGKILL when the process that started it dies, however it dies."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 class Slice:
