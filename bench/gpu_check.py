@@ -80,6 +80,9 @@ def source_commit():
         return "unknown"
 
 
+FIRST = ("tests/ops/", "tests/nn/", "tests/model/")  # the kernels against the reference first, if time runs short
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="bench/results", help="folder for the results and the summary")
@@ -113,7 +116,8 @@ def main(argv=None):
     lines = [f"gpu-check {name} | torch {torch.__version__} | triton {triton.__version__} | commit {source_commit()}"]
     tests_ok = code = None
     try:
-        tests, test_details, tests_ok = run_tests(results / f"{name}-tests.jsonl", args.test_timeout, workers)
+        tests, test_details, tests_ok = run_tests(results / f"{name}-tests.jsonl", args.test_timeout, workers,
+                                                  first=FIRST)
         lines += [tests, *test_details]
         write_summary(summary, [*lines, "bench: not run yet"])
         bench_json = results / f"{name}.json"

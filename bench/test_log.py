@@ -3,6 +3,8 @@
     --shard I/N      keep the I-th (0-based) of N contiguous slices of the collected tests, so that N
                      processes split one suite; a slice holds neighbouring tests, whose Triton kernels
                      share specialisations, so each process compiles mostly its own
+    --first P1,P2    before slicing, move the tests whose ids start with P1, then P2, ... to the front (in
+                     their order): the tests that matter most run first when time is short
     --skip-ids P     then deselect the test ids listed in file P (one a line): a slice started again
                      after a crash skips what it already reported and the test that crashed
     --event-log P    append one JSON line to P per event, flushed as it happens:
@@ -42,6 +44,7 @@ CONTEXT_LOST_EXIT = 86
 def pytest_addoption(parser):
     group = parser.getgroup("musetalk_fast", "make gpu-check's test step")
     group.addoption("--shard", default=None, metavar="I/N", help="run the I-th (0-based) of N contiguous slices")
+    group.addoption("--first", default=None, metavar="P1,P2", help="run tests whose ids start with these first")
     group.addoption("--skip-ids", default=None, metavar="PATH", help="deselect the test ids listed in this file")
     group.addoption("--event-log", default=None, metavar="PATH", help="append a JSON line per test event here")
 
@@ -127,9 +130,14 @@ def pytest_configure(config):
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     shard = getattr(config, "_musetalk_shard", None)
-    skip_file = config.getoption("skip_ids")
-    if shard is None and not skip_file:
+    skip_file, first = config.getoption("skip_ids"), config.getoption("first")
+    if shard is None and not skip_file and not first:
         return
+    if first:
+        prefixes = first.split(",")
+        rank = {id(item): next((i for i, p in enumerate(prefixes) if item.nodeid.startswith(p)), len(prefixes))
+                for item in items}
+        items.sort(key=lambda item: rank[id(item)])  # stable: each module's tests keep their order
     config._musetalk_suite = [item.nodeid for item in items]
     keep = items
     if shard is not None:

@@ -152,8 +152,9 @@ class Slice:
 
 
 class SliceRunner:
-    def __init__(self, root, parts, slices, workers, timeout):
+    def __init__(self, root, parts, slices, workers, timeout, first=()):
         self.root, self.parts, self.slices, self.workers, self.timeout = root, parts, slices, workers, timeout
+        self.first = first
         self.env = {**os.environ, "PYTHONHASHSEED": "0"}
         self.env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // workers)))
         self.state = {index: Slice(index) for index in range(slices)}
@@ -178,6 +179,7 @@ class SliceRunner:
         command = [sys.executable, "-m", "pytest", self.root, "-q", "-p", "no:cacheprovider",
                    "--continue-on-collection-errors", "-p", "musetalk_fast.bench.test_log",
                    f"--shard={index}/{self.slices}", f"--event-log={log}",
+                   *([f"--first={','.join(self.first)}"] if self.first else []),
                    *(f"--ignore={path}" for path in sorted(self.ignored))]
         if state.skip:
             skip = self.parts / f"{index}.skip"
@@ -299,10 +301,11 @@ def merge(parts, runner):
     return tests, list(collect.values()), totals, hashes
 
 
-def run_tests(log, timeout, workers=1, slices=None, root="tests"):
-    """Run the suite in `slices` slices, `workers` processes at a time, within `timeout` seconds; write one
-    JSON line per test of the suite (and per module that failed to collect or was skipped) to `log`, also
-    when interrupted. Returns (summary line, detail lines, ok)."""
+def run_tests(log, timeout, workers=1, slices=None, root="tests", first=()):
+    """Run the suite in `slices` slices, `workers` processes at a time, within `timeout` seconds, the tests
+    whose ids start with the prefixes in `first` first; write one JSON line per test of the suite (and per
+    module that failed to collect or was skipped) to `log`, also when interrupted. Returns (summary line,
+    detail lines, ok)."""
     if workers < 1:
         raise ValueError(f"workers: need at least 1, got {workers}")
     start = time.time()
@@ -311,7 +314,7 @@ def run_tests(log, timeout, workers=1, slices=None, root="tests"):
     for old in parts.glob("*") if parts.exists() else []:
         old.unlink()
     parts.mkdir(parents=True, exist_ok=True)
-    runner = SliceRunner(root, parts, slices, workers, timeout)
+    runner = SliceRunner(root, parts, slices, workers, timeout, first)
     try:
         runner.run()
     finally:

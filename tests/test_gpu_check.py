@@ -204,6 +204,18 @@ def test_nothing_a_slice_started_outlives_it(tmp_path, monkeypatch):
         pytest.fail(f"the slice's child {pid} is still running")
 
 
+def test_first_runs_the_tests_that_matter_most_first(tmp_path, monkeypatch):
+    """--first tests/ops/: under a cap that lets one slice of two run, the ops tests are the ones that ran."""
+    write_suite(tmp_path, "import time\ndef test_slow_1(): time.sleep(600)\ndef test_slow_2(): pass\n")
+    (tmp_path / "tests" / "ops").mkdir()
+    (tmp_path / "tests" / "ops" / "test_kernel.py").write_text("def test_k1(): pass\ndef test_k2(): pass\n")
+    monkeypatch.chdir(tmp_path)
+    line, details, ok = run_tests(tmp_path / "tests.jsonl", timeout=20, workers=1, slices=2, first=("tests/ops/",))
+    log = read_log(tmp_path / "tests.jsonl")
+    assert list(log) == ["test_k1", "test_k2", "test_slow_1", "test_slow_2"]  # the suite's order, ops first
+    assert [log[name]["outcome"] for name in log] == ["passed", "passed", "not run", "not run"], (line, details)
+
+
 @pytest.mark.parametrize("total", [0, 1, 7, 64])
 @pytest.mark.parametrize("count", [1, 3, 8])
 def test_shards_partition_the_suite(total, count):
