@@ -111,7 +111,7 @@ def main(argv=None):
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     summary = results / f"{name}-gpu-check.txt"
-    for stale in (f"{name}.json", f"{name}.json.tmp", f"{name}.png", f"{name}-tests.jsonl", summary.name):
+    for stale in (f"{name}.json", f"{name}.png", f"{name}-tests.jsonl", summary.name):
         (results / stale).unlink(missing_ok=True)  # never report an earlier run's results
     lines = [f"gpu-check {name} | torch {torch.__version__} | triton {triton.__version__} | commit {source_commit()}"]
     tests_ok = code = None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import musetalk_fast
+from musetalk_fast.files import atomic_write_text
 
 from .peaks import measure_peaks
 from .timing import measure
@@ -119,13 +120,6 @@ def write_chart(rows, path, title):
     plt.close(fig)
 
 
-def write_json(path, result):
-    """Through a temporary file and a rename: a reader (or a kill) never sees half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(result, indent=1))
-    temporary.replace(path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="*", default=OPS + [MODEL], choices=OPS + [MODEL])
@@ -158,11 +152,11 @@ def main(argv=None):
         for case in module.cases(device):
             result["rows"].extend(run_case(case, device, peaks))
             print(f"done: {case.op} | {case.shape}", flush=True)
-            write_json(out_dir / f"{stem}.json", result)  # after every case: a capped run keeps its rows
+            atomic_write_text(out_dir / f"{stem}.json", json.dumps(result, indent=1))  # a capped run keeps its rows
     rows = result["rows"]
     print_table(rows)
     result["complete"] = True
-    write_json(out_dir / f"{stem}.json", result)
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(result, indent=1))
     print(f"wrote {out_dir / (stem + '.json')}")
     try:
         write_chart(rows, out_dir / f"{stem}.png", f"musetalk_fast on {stem}")

@@ -83,6 +83,8 @@ def main(argv=None):
 
     import torch
 
+    from musetalk_fast.files import atomic_write_text
+
     from .gpu_check import source_commit
     from .run import device_name
 
@@ -138,9 +140,7 @@ def main(argv=None):
         print(f"{run}: both stages {train:.0f} s; " + "; ".join(
             f"{split} correlation {m['opening_correlation']:.3f}, closed {m['silent_closed_share']:.1%}"
             for split, m in metrics.items()), flush=True)
-        temporary = path.with_name(path.name + ".tmp")  # after each run (a stopped command keeps it), whole
-        temporary.write_text(json.dumps(summary, indent=1) + "\n")
-        temporary.replace(path)
+        atomic_write_text(path, json.dumps(summary, indent=1) + "\n")  # after each run: a stopped command keeps it
         print(f"wrote {path}", flush=True)
     return summary
 

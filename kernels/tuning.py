@@ -188,6 +188,8 @@ def tuned_entries():
 
 def write_tuned_tables():
     """Write every table this process tuned into kernels/configs/; returns the paths written."""
+    from musetalk_fast.files import atomic_write_text
+
     written = []
     for table in _tables.values():
         if not table.tuned or table.name == "interpreter":
@@ -196,8 +198,7 @@ def write_tuned_tables():
         table.data["command"] = "python -m musetalk_fast.bench.tune"
         for kernel in table.data["kernels"]:
             table.data["kernels"][kernel].sort(key=lambda e: json.dumps([e["match"], e["sizes"]], sort_keys=True))
-        temporary = table.path.with_name(table.path.name + ".tmp")  # a kill mid-write leaves the old table whole
-        temporary.write_text(json.dumps(table.data, indent=1, sort_keys=True) + "\n")
-        temporary.replace(table.path)
+        # atomically: a kill mid-write leaves the old table whole (every later launch reads it)
+        atomic_write_text(table.path, json.dumps(table.data, indent=1, sort_keys=True) + "\n")
         written.append(table.path)
     return written

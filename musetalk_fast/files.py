@@ -6,14 +6,14 @@ from pathlib import Path
 import torch
 
 
-def atomic_save(obj, path):
-    """torch.save(obj) to `path` through a temporary file + fsync + os.replace."""
+def atomic_write(path, write):
+    """Call write(binary file) on a temporary file beside `path`, fsync it, then os.replace it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
-            torch.save(obj, out)
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -30,3 +30,13 @@ def atomic_save(obj, path):
     except OSError:
         pass
     return path
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` atomically."""
+    return atomic_write(path, lambda out: torch.save(obj, out))
+
+
+def atomic_write_text(path, text):
+    """`text` (UTF-8) to `path` atomically."""
+    return atomic_write(path, lambda out: out.write(text.encode()))
