@@ -21,23 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from .test_slices import cores, die_with_parent, kill_group, run_tests
+from .processes import cores, run_capped
+from .test_slices import run_tests
 
 
 def run_bench(results, timeout):
-    """The benchmark in a child process (its own process group, killed whole at the cap). It rewrites its
-    JSON after every case, so a cap or a crash keeps the rows done so far."""
-    start = time.time()
-    command = [sys.executable, "-m", "musetalk_fast.bench.run", "--out", str(results)]
-    process = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent)
-    try:
-        code = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        code = f"timeout after {timeout} s"
-    finally:  # also on a normal exit: nothing it started outlives it
-        kill_group(process)
-        process.wait()
-    return code, time.time() - start
+    """The benchmark in a child process group, killed whole at the cap. It rewrites its JSON after every
+    case, so a cap or a crash keeps the rows done so far."""
+    begin = time.time()
+    code, _ = run_capped([sys.executable, "-m", "musetalk_fast.bench.run", "--out", str(results)], timeout)
+    return (f"timeout after {timeout} s" if code is None else code), time.time() - begin
 
 
 def bench_lines(path):

@@ -19,12 +19,11 @@ import glob
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .test_slices import die_with_parent, kill_group
+from .processes import run_capped
 
 FILES = ["tests/ops/test_sparse_attention.py", "tests/ops/test_topk.py", "tests/ops/test_lightning_indexer.py",
          "tests/ops/test_engram.py", "tests/ops/test_gated_attention.py"]
@@ -53,17 +52,9 @@ def sanitize_file(sanitizer, path, timeout, keyword=None):
                sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", *(["-k", keyword] if keyword else [])]
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     start = time.time()
-    # its own process group: at the cap the sanitizer and the python under it are killed together
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True, preexec_fn=die_with_parent)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(process)
-        output, _ = process.communicate()
+    code, output = run_capped(command, timeout, capture=True, env=env)  # the sanitizer and the python under it
+    if code is None:
         output += f"\nno result in {timeout:.0f} s"
-    finally:
-        kill_group(process)  # nothing the tests started outlives them
     errors = [int(n) for n in SUMMARY.findall(output)]
     tests = [line for line in output.splitlines() if PYTEST_LAST_LINE.search(line)]
     return (sum(errors) if errors else None), (tests[-1].strip("= ") if tests else "no pytest summary"), \

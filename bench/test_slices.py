@@ -23,18 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+from .processes import cores, kill_group, start
+
 RESTARTS = 8  # per slice
 MODULE_CRASHES = 2  # crashes in one module's tests before its slice leaves the rest of the module out
 PYTEST_DONE = (0, 1, 5)  # all passed, some failed, nothing collected: pytest ran to its end
 MAX_DETAIL_LINES = 30
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "crashed", "not run")
-
-
-def cores():
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (a container's, not the host's)
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def read_events(path):
@@ -115,31 +110,6 @@ def exit_name(code):
         return f"signal {-code}"
 
 
-def kill_group(process):
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # the group is gone already
-        pass
-
-
-def _prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-_PRCTL = _prctl()  # resolved here, in the parent: the child between fork and exec only calls it
-
-
-def die_with_parent():
-    """In the child before exec (Linux): SIGKILL when the process that started it dies, however it dies."""
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
 class Slice:
     def __init__(self, index):
         self.index = index
@@ -186,8 +156,7 @@ class SliceRunner:
             skip.write_text("".join(f"{nodeid}\n" for nodeid in sorted(state.skip)))
             command.append(f"--skip-ids={skip}")
         with open(out, "a") as output:  # the child keeps its own copy of the handle
-            self.running[index] = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=self.env,
-                                                   start_new_session=True, preexec_fn=die_with_parent)
+            self.running[index] = start(command, stdout=output, stderr=subprocess.STDOUT, env=self.env)
 
     def ended(self, index, code, deadline):
         """A slice's process ended: a crash is named, and the slice queued again without what crashed."""
