@@ -80,9 +80,11 @@ def _attention_pointers(dtype):
 
 def _attention_spec(kind, configs, match, config):
     """One attention kernel compiled with `config` for the key `match`."""
+    import torch
     import triton.language as tl
 
     from musetalk_fast.kernels import gated_attention as ga
+    from musetalk_fast.kernels.float64_scalars import float64_scalars
 
     kernel = {"fwd": ga.gated_attention_fwd_kernel, "bwd": ga.gated_attention_bwd_kernel,
               "dq": ga.gated_attention_bwd_dq_kernel, "bwd_preprocess": ga.gated_attention_bwd_preprocess_kernel}[kind]
@@ -99,6 +101,10 @@ def _attention_spec(kind, configs, match, config):
         constexprs["HAS_GATE"] = True
     if config.get("SPLIT_D"):
         constexprs["SPLIT_D"] = config["SPLIT_D"]
+    if exact and kind != "bwd_preprocess":  # float64 passes its scales as constexprs too (exact on the GPU)
+        scale = match["D"] ** -0.5
+        constexprs.update(float64_scalars(torch.float64, qk_scale=scale * ga.LOG2E,
+                                          **({"scale": scale} if kind != "fwd" else {})))
     blocks = " ".join(f"{k[6]}{v}" for k, v in config.items() if k.startswith("BLOCK_"))
     blocks += f" split{config['SPLIT_D']}" if config.get("SPLIT_D") else ""
     label = f"gated_attention {kind} {match['dtype']} D{match['D']} {'causal' if match.get('causal') else 'full'} " \
@@ -154,6 +160,7 @@ def kernel_specs(quick):
 
     from musetalk_fast.kernels import gated_attention as ga
     from musetalk_fast.kernels import sinkhorn as sk
+    from musetalk_fast.kernels.float64_scalars import float64_scalars
 
     attention = {"fwd": ga.FWD, "bwd": ga.BWD, "dq": ga.DQ, "bwd_preprocess": ga.PREPROCESS}
     specs = []
@@ -193,7 +200,7 @@ def kernel_specs(quick):
             config = configs.heuristic_config(match)
             specs.append((f"sinkhorn {name} {dtype} n=4 B{config['BLOCK_B']} w{config['num_warps']}", kernel,
                           {p: TRITON_TYPES[dtype] for p in pointers},
-                          {"ACC": acc, "BLOCK_B": config["BLOCK_B"], "NP": 4,
+                          {"ACC": acc, "BLOCK_B": config["BLOCK_B"], "NP": 4, **float64_scalars(torch_dtype, eps=1e-6),
                            **({"UNROLLED_ITERS": sk.unrolled_iters(20, torch_dtype)} if name == "bwd" else {})},
                           config["num_warps"], 1))
     specs += _mhc_specs(quick)
@@ -313,6 +320,7 @@ def _sparse_attention_specs(quick):
     """kernels/sparse_attention.py at its heuristic configs: the benchmarks' GQA group 16 and MQA 64 at
     D128, MHA, MLA's 576/512, every dtype; the deterministic dk/dv segment kernel. Pointers and strides
     are compiled as multiples of 16 (what runs: the gathers vectorise only with that knowledge)."""
+    import torch
     import triton.language as tl
 
     from musetalk_fast.kernels import sparse_attention as sa
@@ -333,14 +341,17 @@ def _sparse_attention_specs(quick):
         constexprs = dict(QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
                           ACC=tl.float64 if dtype == "fp64" else tl.float32)
         dot = dict(DOT_PRECISION="tf32" if dtype in ("bf16", "fp16") else "ieee")
+        # float64 also passes its softmax scales as constexprs (exact on the GPU): compiled as it runs
+        like_q = torch.empty(0, dtype=torch.float64 if dtype == "fp64" else torch.float32)
+        fwd_scales, bwd_scales = (sa.exact_scales(like_q, qk_dim ** -0.5, backward) for backward in (False, True))
         label = f"sparse_attention {{}} {dtype} G{group}/{match['H']} D{qk_dim}/{v_dim}"
         for name, configs, kernel, extra in (
                 ("fwd", sa.FWD, sa.sparse_attention_fwd_kernel,
-                 dict(dot, BLOCK_H=match["H"], KEYS_AS_M=False, BLOCK_DT=block_dt)),
+                 dict(dot, BLOCK_H=match["H"], KEYS_AS_M=False, BLOCK_DT=block_dt, **fwd_scales)),
                 ("bwd", sa.BWD, sa.sparse_attention_bwd_kernel,
-                 dict(dot, BLOCK_H=match["H"], DETERMINISTIC=False, BLOCK_DT=block_dt)),
+                 dict(dot, BLOCK_H=match["H"], DETERMINISTIC=False, BLOCK_DT=block_dt, **bwd_scales)),
                 ("bwd_det", sa.BWD, sa.sparse_attention_bwd_kernel,
-                 dict(dot, BLOCK_H=match["H"], DETERMINISTIC=True, BLOCK_DT=block_dt)),
+                 dict(dot, BLOCK_H=match["H"], DETERMINISTIC=True, BLOCK_DT=block_dt, **bwd_scales)),
                 ("bwd_dkdv_det", sa.DKDV, sa.sparse_attention_bwd_dkdv_kernel,
                  dict(BLOCK_H=min(match["H"], 16), BLOCK_DQK=max(sa.triton.next_power_of_2(qk_dim), 16)))):
             config = configs.heuristic_config(match, H100_SHARED_BYTES)

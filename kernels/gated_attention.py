@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .float64_scalars import exact_scalar, float64_scalars
 from .tuning import KernelConfigs, split_options
 
 LOG2E = 1.4426950408889634
@@ -388,9 +389,10 @@ def gated_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, HAS_GATE: tl.constexpr = True,
     VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, HEAD_WISE_GATE: tl.constexpr = False,
-    GATE_TMA: tl.constexpr = False,
+    GATE_TMA: tl.constexpr = False, QK_SCALE_F64: tl.constexpr = None,
 ):
     """Grid (sequences * Hq, query blocks). Lse rows have unit stride; Out has unit dim stride."""
+    qk_scale = exact_scalar(qk_scale, QK_SCALE_F64, ACC)  # float64: exact (a float argument is float32 on a GPU)
     pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     if IS_CAUSAL:  # longest query blocks (most keys) first
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -470,7 +472,7 @@ def gated_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_inner(dk, dv, k, v, keys, head, q_src, dy_src, g_src, lse_base, delta_base, dq_base,
-               sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims, lo, hi, L, qk_scale, scale,
+               sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims, lo, hi, L, S, qk_scale, scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
                ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, HEAD_WISE_GATE: tl.constexpr,
@@ -496,7 +498,9 @@ def _bwd_inner(dk, dv, k, v, keys, head, q_src, dy_src, g_src, lse_base, delta_b
         delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
         scores_t = _dot_over_d(k, q, DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(scores_t - lse[None, :] * LOG2E_)
-        allowed = (rows < L)[None, :]
+        # Key rows past S load as zeros, so their scores are 0 and exp2(-lse) overflows to inf where every
+        # real score is below about -88: masked too, or dQ gets 0 * inf = NaN.
+        allowed = (rows < L)[None, :] & (keys < S)[:, None]
         if IS_CAUSAL:
             allowed = allowed & (keys[:, None] <= rows[None, :])
         p_t = tl.where(allowed, p_t, 0.0)
@@ -541,7 +545,9 @@ def _bwd_inner_split(dk, dv, k_c, keys, head, k_base, v_base, q_base, dy_base, g
         lse = tl.load(lse_base + rows, mask=rows < L, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < L, other=0.0)
         p_t = tl.math.exp2(scores_t * qk_scale - lse[None, :] * LOG2E_)
-        allowed = (rows < L)[None, :]
+        # Key rows past S load as zeros, so their scores are 0 and exp2(-lse) overflows to inf where every
+        # real score is below about -88: masked too, or dQ gets 0 * inf = NaN.
+        allowed = (rows < L)[None, :] & (keys < S)[:, None]
         if IS_CAUSAL:
             allowed = allowed & (keys[:, None] <= rows[None, :])
         p_t = tl.where(allowed, p_t, 0.0)
@@ -576,10 +582,13 @@ def gated_attention_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr = True, VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False,
     HEAD_WISE_GATE: tl.constexpr = False, GATE_TMA: tl.constexpr = False, SPLIT_D: tl.constexpr = 0,
+    QK_SCALE_F64: tl.constexpr = None, SCALE_F64: tl.constexpr = None,
 ):
     """Grid (sequences * Hkv, key blocks, head-dim chunks). dV = sum P^T dO and dK = scale * sum dS^T Q
     over the group's query heads; dQacc (fp32, unit dim stride) += scale * dS K when ATOMIC_DQ. SPLIT_D > 0:
     each program makes the SPLIT_D columns of chunk program_id(2) (_bwd_inner_split, pointer loads)."""
+    qk_scale = exact_scalar(qk_scale, QK_SCALE_F64, ACC)  # float64: exact (float arguments are float32 on a GPU)
+    scale = exact_scalar(scale, SCALE_F64, ACC)
     pid_bkv = tl.program_id(0).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     start_n = tl.program_id(1) * BLOCK_N  # ascending: causal key blocks longest first
     b = pid_bkv // H_KV
@@ -635,7 +644,7 @@ def gated_attention_bwd_kernel(
         delta_base = Delta + b * sl_b + h * sl_h + q_start
         dq_base = dQacc + b * sa_b + h * sa_h + q_start * sa_l
         dk, dv = _bwd_inner(dk, dv, k, v, keys, g, q_src, dy_src, g_src, lse_base, delta_base, dq_base,
-                            sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims, lo, L, L,
+                            sq_h, sq_l, sq_d, sdy_h, sdy_l, sdy_d, sg_h, sg_l, sg_d, sa_l, dims, lo, L, L, S,
                             qk_scale, scale,
                             HEAD_DIM, BLOCK_D, IS_CAUSAL, DOT_PRECISION, BLOCK_M, ACC, ATOMIC_DQ, USE_TMA,
                             HEAD_WISE_GATE, GATE_TMA)
@@ -677,10 +686,12 @@ def gated_attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
     VARLEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, HEAD_WISE_GATE: tl.constexpr = False,
-    GATE_TMA: tl.constexpr = False,
+    GATE_TMA: tl.constexpr = False, QK_SCALE_F64: tl.constexpr = None, SCALE_F64: tl.constexpr = None,
 ):
     """Deterministic mode: dQ = scale * sum dS K per query block, dS = P * (dO V^T - delta), the key
     blocks summed in a fixed order. Grid (sequences * Hq, query blocks), longest first when causal."""
+    qk_scale = exact_scalar(qk_scale, QK_SCALE_F64, ACC)  # float64: exact (float arguments are float32 on a GPU)
+    scale = exact_scalar(scale, SCALE_F64, ACC)
     pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit base offsets: tensors may pass 2^31 elements
     if IS_CAUSAL:
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -842,6 +853,7 @@ def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
             *_rows_strides(q, packed), *_rows_strides(k, packed), *_rows_strides(v, packed), *_rows_strides(g, packed),
             *_rows_strides(out, packed)[:3], *_stats_strides(lse, packed),
             a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], a["scale"] * LOG2E,
+            **float64_scalars(q.dtype, qk_scale=a["scale"] * LOG2E),
             **a["meta"], **constexprs, **options, HAS_GATE=has_gate, USE_TMA=use_tma, **gate_modes,
         )
 
@@ -888,6 +900,7 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
     _set_descriptor_allocator(q.device)
     common = (*strides["q"], *strides["k"], *strides["v"], *strides["g"], *strides["dy"], *strides["lse"])
     qk_scale = a["scale"] * LOG2E
+    exact_scales = float64_scalars(q.dtype, qk_scale=qk_scale, scale=a["scale"])
 
     def run_bwd(config):
         constexprs, options = split_options(config)
@@ -898,7 +911,7 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
         return gated_attention_bwd_kernel[grid](
             q, k, v, g, grad_out, lse, delta, dq_acc, dk, dv, a["cu_q"], a["cu_k"], *common,
             *_rows_strides(dq_acc, packed)[:3], *_rows_strides(dk, packed)[:3],
-            heads, kv_heads, a["q_len"], a["kv_len"], heads // kv_heads, qk_scale, a["scale"],
+            heads, kv_heads, a["q_len"], a["kv_len"], heads // kv_heads, qk_scale, a["scale"], **exact_scales,
             **meta, **constexprs, **options, ATOMIC_DQ=not deterministic, USE_TMA=use_tma, **gate_modes,
         )
 
@@ -906,7 +919,7 @@ def _backward(grad_out, q, k, v, gate, out, lse, is_causal, scale, varlen, deter
         constexprs, options = split_options(config)
         return gated_attention_bwd_dq_kernel[(batch * heads, triton.cdiv(a["q_len"], config["BLOCK_M"]))](
             q, k, v, g, grad_out, lse, delta, dq, a["cu_q"], a["cu_k"], *common, *_rows_strides(dq, packed)[:3],
-            heads, a["q_len"], a["kv_len"], heads // kv_heads, qk_scale, a["scale"],
+            heads, a["q_len"], a["kv_len"], heads // kv_heads, qk_scale, a["scale"], **exact_scales,
             **meta, **constexprs, **options, USE_TMA=use_tma, **gate_modes,
         )
 

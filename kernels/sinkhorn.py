@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .float64_scalars import exact_scalar, float64_scalars
 from .tuning import KernelConfigs, split_options
 
 
@@ -28,8 +29,9 @@ def _normalise_rows(p, eps):
 
 @triton.jit
 def _load_tile(ptr, pid, matrices, n, BLOCK_B: tl.constexpr, NP: tl.constexpr, other):
-    """Offsets, mask and values of BLOCK_B contiguous n x n matrices."""
-    b = pid * BLOCK_B + tl.arange(0, BLOCK_B)[:, None, None]
+    """Offsets (int64: matrices * n * n passes 2^31 at 2^23 matrices of 16 x 16), mask and values of
+    BLOCK_B contiguous n x n matrices."""
+    b = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None, None]
     i = tl.arange(0, NP)[None, :, None]
     j = tl.arange(0, NP)[None, None, :]
     offsets = b * n * n + i * n + j
@@ -47,7 +49,8 @@ def _shifted_exp(logits):
 
 @triton.jit
 def sinkhorn_fwd_kernel(logits_ptr, out_ptr, matrices, n, iters, eps,
-                        ACC: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr):
+                        ACC: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr, EPS_F64: tl.constexpr = None):
+    eps = exact_scalar(eps, EPS_F64, ACC)  # float64: exact (a float argument is float32 on a GPU)
     offsets, mask, logits = _load_tile(logits_ptr, tl.program_id(0), matrices, n, BLOCK_B, NP, float("-inf"))
     p = sinkhorn_tile(logits.to(ACC), iters, eps)
     tl.store(out_ptr + offsets, p.to(out_ptr.dtype.element_ty), mask=mask)
@@ -64,7 +67,9 @@ def sinkhorn_tile(logits, iters, eps):
 
 @triton.jit
 def sinkhorn_bwd_kernel(logits_ptr, grad_ptr, grad_logits_ptr, matrices, n, iters, eps,
-                        ACC: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr, UNROLLED_ITERS: tl.constexpr):
+                        ACC: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr, UNROLLED_ITERS: tl.constexpr,
+                        EPS_F64: tl.constexpr = None):
+    eps = exact_scalar(eps, EPS_F64, ACC)  # float64: exact (a float argument is float32 on a GPU)
     pid = tl.program_id(0)
     offsets, mask, logits = _load_tile(logits_ptr, pid, matrices, n, BLOCK_B, NP, float("-inf"))
     g = _load_tile(grad_ptr, pid, matrices, n, BLOCK_B, NP, 0.0)[2]
@@ -198,6 +203,7 @@ def _launch(configs, kernel, logits, *inputs, iters, eps, **constexprs):
     def run(config):
         blocks, options = split_options(config)
         kernel[(triton.cdiv(matrices, config["BLOCK_B"]),)](*args, ACC=_acc_dtype(logits), NP=padded,
+                                                           **float64_scalars(logits.dtype, eps=eps),
                                                            **blocks, **constexprs, **options)
 
     configs.launch(run, logits.device, dict(dtype="fp64" if logits.dtype == torch.float64 else "fp32", n=padded))

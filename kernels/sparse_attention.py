@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .float64_scalars import exact_scalar, float64_scalars
 from .tuning import KernelConfigs, split_options
 
 LOG2E = 1.4426950408889634
@@ -150,9 +151,10 @@ def sparse_attention_fwd_kernel(
     TOPK, S, GROUP, qk_scale,  # qk_scale = sm_scale * log2(e): the softmax runs in base 2
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KEYS_AS_M: tl.constexpr, BLOCK_DT: tl.constexpr = 0,
+    KEYS_AS_M: tl.constexpr, BLOCK_DT: tl.constexpr = 0, QK_SCALE_F64: tl.constexpr = None,
 ):
     t = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors may pass 2^31 elements
+    qk_scale = exact_scalar(qk_scale, QK_SCALE_F64, ACC)  # float64: exact (a float argument is float32 on a GPU)
     g = tl.program_id(1).to(tl.int64)
     num_heads = tl.num_programs(1) * GROUP
     heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)  # this program's block of the group
@@ -213,10 +215,13 @@ def sparse_attention_bwd_kernel(
     TOPK, S, GROUP, qk_scale, sm_scale,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, BLOCK_DT: tl.constexpr = 0,
+    DETERMINISTIC: tl.constexpr, BLOCK_DT: tl.constexpr = 0, QK_SCALE_F64: tl.constexpr = None,
+    SM_SCALE_F64: tl.constexpr = None,
 ):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
+    qk_scale = exact_scalar(qk_scale, QK_SCALE_F64, ACC)  # float64: exact (float arguments are float32 on a GPU)
+    sm_scale = exact_scalar(sm_scale, SM_SCALE_F64, ACC)
     kv_heads = tl.num_programs(1)
     num_heads = kv_heads * GROUP
     heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)  # this program's block of the group
@@ -361,6 +366,12 @@ def _common(q, k, v, indices, sm_scale):
     return tokens, q_heads, kv_heads, group, sm_scale, meta, match
 
 
+def exact_scales(q, sm_scale, backward):
+    """float64 q: the scales as constexprs too (kernels/float64_scalars.py)."""
+    scales = dict(qk_scale=float(sm_scale) * LOG2E, **(dict(sm_scale=sm_scale) if backward else {}))
+    return float64_scalars(q.dtype, **scales)
+
+
 def sparse_attention_forward(q, k, v, indices, sm_scale=None):
     """(out [T, Hq, Dv] in q's dtype, lse [T, Hq] float32, float64 for float64 q)."""
     tokens, q_heads, kv_heads, group, sm_scale, meta, match = _common(q, k, v, indices, sm_scale)
@@ -377,8 +388,8 @@ def sparse_attention_forward(q, k, v, indices, sm_scale=None):
         constexprs, options = split_options(config)
         return sparse_attention_fwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
             q, k, v, indices, out, lse, sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, *indices.stride(),
-            indices.shape[2], k.shape[0], group, sm_scale * LOG2E, **meta, **{"KEYS_AS_M": False, **constexprs},
-            **options,
+            indices.shape[2], k.shape[0], group, sm_scale * LOG2E, **meta, **exact_scales(q, sm_scale, backward=False),
+            **{"KEYS_AS_M": False, **constexprs}, **options,
         )
 
     FWD.launch(run, q.device, match, dict(K=indices.shape[2]))
@@ -416,8 +427,8 @@ def sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, sm
         return sparse_attention_bwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
             q, k, v, indices, grad_out, grad_lse, out, lse, dq, dk, dv, p_buf, ds_buf,
             sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, *indices.stride(), sdo_t, sdo_h,
-            topk, num_keys, group, sm_scale * LOG2E, sm_scale, **meta, **constexprs, **options,
-            DETERMINISTIC=deterministic,
+            topk, num_keys, group, sm_scale * LOG2E, sm_scale, **meta, **exact_scales(q, sm_scale, backward=True),
+            **constexprs, **options, DETERMINISTIC=deterministic,
         )
 
     BWD.launch(run, q.device, dict(match, deterministic=deterministic), dict(K=topk))

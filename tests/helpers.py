@@ -26,6 +26,23 @@ def backend_device(backend):
     return "cuda" if backend == "cuda" else "cpu"
 
 
+def float_arguments_as_on_a_gpu(kernel):
+    """kernel[grid](...) with every Python float argument rounded to float32 first: what a GPU launch does
+    (Triton types a float argument fp32, below; the interpreter keeps the float64 value)."""
+    from triton.runtime.jit import mangle_type
+
+    assert mangle_type(0.1) == "fp32", "the premise: Triton's launcher passes a Python float as float32"
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args = [torch.tensor(a, dtype=torch.float32).item() if isinstance(a, float) else a for a in args]
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    return Launcher()
+
+
 def seeded(seed):
     return torch.Generator().manual_seed(seed)
 

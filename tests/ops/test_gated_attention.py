@@ -10,7 +10,7 @@ import torch
 import musetalk_fast
 from musetalk_fast import reference
 from tests.helpers import (DEVICES, HAS_CUDA, TRITON_INTERPRETED, assert_close_to_reference, backend_device,
-                           kernel_backends, seeded)
+                           float_arguments_as_on_a_gpu, kernel_backends, seeded)
 
 
 def random_cases(count, seed, max_len):
@@ -146,6 +146,27 @@ def test_half_precision_matches_reference(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_far_negative_scores_give_finite_gradients(backend, dtype, is_causal):
+    """Every score about -144 (lse below float32's exp overflow at -88) and S = 7, not a multiple of any key
+    block: the padding key rows, loaded as zeros with score 0, must not turn exp(-lse) into inf and dQ into
+    0 * inf = NaN."""
+    device = backend_device(backend)
+    q = torch.full((1, 2, 5, 16), 6.0, dtype=dtype, device=device)
+    k = torch.full((1, 2, 7, 16), -6.0, dtype=dtype, device=device)
+    v = torch.randn(1, 2, 7, 16, generator=seeded(5)).to(dtype).to(device)
+    gate = torch.randn(1, 2, 5, 16, generator=seeded(6)).to(dtype).to(device)
+    grad = torch.randn(1, 2, 5, 16, generator=seeded(7)).to(dtype).to(device)
+    got = run_kernel(backend, q, k, v, gate, grad, is_causal)
+    exact = reference_outputs(q, k, v, gate, grad, is_causal, torch.float64)
+    for name, g, e in zip(NAMES, got, exact):
+        assert torch.isfinite(g.float()).all(), f"{name} is not finite"
+        tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+        assert_close_to_reference(g, e, name=name, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("case", [(2, 4, 2, 13, 21, 16, True, False, True), (1, 2, 1, 40, 33, 24, False, True, False)],
                          ids=str)
 def test_float64_and_lse(backend, case):
@@ -169,6 +190,30 @@ def test_float64_and_lse(backend, case):
     for name, g, e in zip(NAMES, got, exact):
         assert g.dtype == torch.float64
         assert_close_to_reference(g, e, name=name, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="emulates on CPU tensors what a GPU launch does to float arguments")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("case", [(2, 4, 2, 13, 21, 16, True, False, True), (1, 2, 1, 40, 33, 24, False, True, False)],
+                         ids=str)
+def test_float64_exact_when_float_arguments_arrive_as_float32(monkeypatch, case, deterministic):
+    """On a GPU the kernels' float arguments (qk_scale, scale) are float32: float64 inputs must still get
+    their scales exactly (kernels/float64_scalars.py), in the forward, the backward and the dQ kernel."""
+    from musetalk_fast.kernels import gated_attention as ga
+
+    for name in ("gated_attention_fwd_kernel", "gated_attention_bwd_kernel", "gated_attention_bwd_dq_kernel"):
+        monkeypatch.setattr(ga, name, float_arguments_as_on_a_gpu(getattr(ga, name)))
+    q, k, v, gate = make_inputs(case, torch.float64, "cpu", seed=5)
+    is_causal = case[6]
+    grad = torch.randn(q.shape, generator=seeded(12), dtype=torch.float64)
+    out, lse = ga.gated_attention_forward(q, k, v, gate, is_causal, 0.3)
+    got = (out, *ga.gated_attention_backward(grad, q, k, v, gate, out, lse, is_causal, 0.3, deterministic))
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v, gate)]
+    ref_out, ref_lse = reference.gated_attention_with_lse(*inputs, is_causal, 0.3)
+    exact = (ref_out, *torch.autograd.grad(ref_out, inputs, grad))
+    torch.testing.assert_close(lse, ref_lse.detach(), atol=1e-12, rtol=1e-10)
+    for name, g, e in zip(NAMES, got, exact):
+        torch.testing.assert_close(g, e.detach(), atol=1e-12, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -498,6 +543,21 @@ def test_varlen_bad_input_raises_the_whole_message(args, error, message):
     with pytest.raises(error) as raised:
         musetalk_fast.ops.gated_attention_varlen(**args)
     assert str(raised.value).splitlines()[0] == message
+
+
+def test_varlen_value_checks_read_the_device_once(monkeypatch):
+    """The cu_seqlens value checks run before every varlen forward and backward: on a GPU each host read is a
+    sync that drains the launch queue, so both tensors' ends and lengths come back in one read."""
+    from musetalk_fast.ops.gated_attention import check_varlen_args
+
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    args = _varlen_good()
+    names = ("q", "k", "v", "gate", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+    check_varlen_args(*(args[n] for n in names))
+    assert reads == ["tolist"]
 
 
 @pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"), reason="no Triton backend here")

@@ -5,7 +5,8 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
-from tests.helpers import DEVICES, HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+from tests.helpers import (DEVICES, HAS_CUDA, TRITON_INTERPRETED, assert_close_to_reference, backend_device,
+                           float_arguments_as_on_a_gpu, kernel_backends, seeded)
 
 SHAPES = [(1, 1), (3, 2), (5, 3), (2, 3, 4), (17, 4), (4, 5), (2, 7), (3, 16), (0, 4), (2, 0, 4), (4, 0)]
 ITERS = [0, 1, 7, 20]
@@ -52,6 +53,24 @@ def test_forward_and_backward_match_reference(backend, dtype, shape):
         assert_close_to_reference(out, exact, name=f"P iters={iters}", **tol)
         grad_logits = run_backward(backend, grad.to(dtype).to(device), logits, iters, eps)
         assert_close_to_reference(grad_logits, exact_grad, name=f"dlogits iters={iters}", **tol)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="emulates on CPU tensors what a GPU launch does to float arguments")
+@pytest.mark.parametrize("iters", [3, 40], ids=["unrolled", "recomputed"])
+def test_float64_exact_when_eps_arrives_as_float32(monkeypatch, iters):
+    """On a GPU the kernels' float argument eps is float32: float64 must still use it exactly
+    (kernels/float64_scalars.py). A large eps (0.3, against sums of about 1) makes the difference show."""
+    from musetalk_fast.kernels import sinkhorn as sk
+
+    for name in ("sinkhorn_fwd_kernel", "sinkhorn_bwd_kernel"):
+        monkeypatch.setattr(sk, name, float_arguments_as_on_a_gpu(getattr(sk, name)))
+    logits = make_logits((5, 4), 31, torch.float64, "cpu")
+    exact_in = logits.clone().requires_grad_()
+    exact = reference.sinkhorn(exact_in, iters, 0.3)
+    grad = torch.randn(exact.shape, generator=seeded(32), dtype=torch.float64)
+    (exact_grad,) = torch.autograd.grad(exact, exact_in, grad)
+    torch.testing.assert_close(sk.sinkhorn_forward(logits, iters, 0.3), exact.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(sk.sinkhorn_backward(grad, logits, iters, 0.3), exact_grad, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -165,11 +184,35 @@ def test_backward_rejects_mismatched_grad(device):
     assert str(raised.value).splitlines()[0] == "grad must have the shape of logits [2, 4, 4], got [2, 3, 3]"
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-def test_cuda_cpp_candidate_matches_triton():
+def has_cuda_cpp():
+    """The schema is defined in every build; the CUDA kernel only where nvcc compiled csrc/sinkhorn/cuda.cu
+    (tests/test_build.py checks that a CUDA torch with nvcc builds it)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("musetalk_fast::sinkhorn_cudacpp", "CUDA")
+
+
+@pytest.mark.skipif(not HAS_CUDA or not has_cuda_cpp(), reason="needs a GPU and the CUDA C++ build")
+def test_cuda_cpp_candidate_matches_triton_and_the_reference():
+    """Against Triton at the benchmark's n and iters, and each of its kernels (kept sums for n <= 4 and
+    iters <= 20, the recomputing one past 20 iters, another unrolled n, the run-time n, float64) against
+    the float64 reference. fp32 tolerances are twice the Triton tests': each side has its own
+    approximations (__expf and --use_fast_math division here, ex2.approx and div.full in Triton)."""
+    tol = dict(atol=2e-5, rtol=2e-5)
     logits = make_logits((257, 4), 9, torch.float32, "cuda")
     grad = torch.randn_like(logits)
     torch.testing.assert_close(torch.ops.musetalk_fast.sinkhorn_cudacpp(logits, 20, 1e-6),
-                               musetalk_fast.ops.sinkhorn(logits, 20, 1e-6))
+                               musetalk_fast.ops.sinkhorn(logits, 20, 1e-6), **tol)
     torch.testing.assert_close(torch.ops.musetalk_fast.sinkhorn_backward_cudacpp(grad, logits, 20, 1e-6),
-                               torch.ops.musetalk_fast.sinkhorn_backward(grad, logits, 20, 1e-6))
+                               torch.ops.musetalk_fast.sinkhorn_backward(grad, logits, 20, 1e-6), **tol)
+    for n, iters, dtype in ((4, 25, torch.float32), (3, 20, torch.float32), (11, 20, torch.float32),
+                            (4, 7, torch.float64)):
+        logits = make_logits((33, n), 12 + n, dtype, "cuda")
+        exact_in = logits.detach().double().cpu().requires_grad_()
+        exact = reference.sinkhorn(exact_in, iters, 1e-6)
+        grad = torch.randn(exact.shape, generator=seeded(13), dtype=torch.float64)
+        (exact_grad,) = torch.autograd.grad(exact, exact_in, grad)
+        close = tol if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+        name = f"n={n} iters={iters} {dtype}"
+        assert_close_to_reference(torch.ops.musetalk_fast.sinkhorn_cudacpp(logits, iters, 1e-6), exact,
+                                  name=f"P {name}", **close)
+        assert_close_to_reference(torch.ops.musetalk_fast.sinkhorn_backward_cudacpp(
+            grad.to(dtype).to("cuda"), logits, iters, 1e-6), exact_grad, name=f"dlogits {name}", **close)

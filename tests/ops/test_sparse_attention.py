@@ -14,7 +14,8 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
-from tests.helpers import DEVICES, HAS_CUDA, assert_close_to_reference, backend_device, kernel_backends, seeded
+from tests.helpers import (DEVICES, HAS_CUDA, TRITON_INTERPRETED, assert_close_to_reference, backend_device,
+                           float_arguments_as_on_a_gpu, kernel_backends, seeded)
 
 FLOATS = "float16, bfloat16, float32 or float64"
 
@@ -191,6 +192,18 @@ def test_mla_views_of_one_tensor(backend, case):
 @pytest.mark.parametrize("case", [(6, 13, 6, 2, 16, 24, 9), (3, 8, 40, 2, 16, 16, 5)], ids=str)
 def test_float64_in_float64_out(backend, case):
     assert_matches_reference(backend, case, torch.float64, seed=7, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="emulates on CPU tensors what a GPU launch does to float arguments")
+@pytest.mark.parametrize("case", [(6, 13, 6, 2, 16, 24, 9), (5, 11, 4, 1, 80, 64, 7)], ids=str)
+def test_float64_exact_when_float_arguments_arrive_as_float32(monkeypatch, case):
+    """On a GPU the kernels' float arguments (qk_scale, sm_scale) are float32: float64 inputs must still
+    get their scales exactly (a float32 qk_scale put errors of ~2e-8 on out, 1e-10 is the bar)."""
+    from musetalk_fast.kernels import sparse_attention as sa
+
+    for name in ("sparse_attention_fwd_kernel", "sparse_attention_bwd_kernel"):
+        monkeypatch.setattr(sa, name, float_arguments_as_on_a_gpu(getattr(sa, name)))
+    assert_matches_reference("triton-interpreter", case, torch.float64, seed=7, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.skipif(not kernel_backends()[1:], reason="no Triton backend here")
