@@ -8,7 +8,11 @@ a side stream so that it overlaps the compute issued after it.
 
 The checks below say exactly what the C++ ones say (tests/ops/test_engram.py compares them); the
 ones that read values (moduli > 0, odd multipliers, rows inside the table) run on real tensors only.
+On the GPU each such read is a device sync; a value check that passed is remembered for those very
+tensor objects until they change (see _value_check), so a model's constant hash tensors are read once.
 """
+import weakref
+
 import torch
 
 from .backend import routable
@@ -18,12 +22,62 @@ from .library import op, qualname, register_cuda
 INT64 = (torch.int64,)
 
 
+# Value checks already passed ------------------------------------------------------------------------
+# A value check reads tensors back to the host: for CUDA tensors a device sync, which stalls the host
+# until the queued work is done (every layer's lookup, its backward, and engram_lookup_async, whose
+# side stream has waited for the main one). Its inputs are mostly a model's buffers (multipliers,
+# moduli, offsets), the same tensor objects every call, and rows the backward reads again: a check
+# that passed is remembered for those objects at their version counters (which every in-place change
+# bumps), keyed by id() with weak references, so that an entry goes with its tensors and a new tensor
+# at a reused id never inherits it. (A write through .data bypasses the version counter: the kernels
+# still mask rows outside the table, but then without the ValueError.)
+
+_passed = {}  # (check key, ids) -> (weak references, versions)
+
+
+def _versions(tensors):
+    if any(t.is_inference() for t in tensors):  # inference tensors have no version counter
+        return None
+    return tuple(t._version for t in tensors)
+
+
+def _passed_before(key, tensors):
+    entry = _passed.get((key, tuple(id(t) for t in tensors)))
+    versions = _versions(tensors)
+    return (entry is not None and versions is not None and entry[1] == versions
+            and all(ref() is t for ref, t in zip(entry[0], tensors)))
+
+
+def _remember_passed(key, tensors):
+    versions = _versions(tensors)
+    if versions is None:
+        return
+    full_key = (key, tuple(id(t) for t in tensors))
+
+    def forget(_, full_key=full_key):
+        _passed.pop(full_key, None)
+
+    _passed[full_key] = (tuple(weakref.ref(t, forget) for t in tensors), versions)
+
+
+def _value_check(key, tensors, check):
+    """check() (which reads the values of `tensors`), unless it passed on these tensors unchanged since."""
+    if _passed_before(key, tensors):
+        return
+    check()
+    _remember_passed(key, tensors)
+
+
 # Checks ---------------------------------------------------------------------------------------------
 
 def check_multipliers(multipliers):
     """Each order's row: odd multipliers (an even one drops an id's low bit), then zeros."""
     if multipliers.numel() == 0 or not has_data(multipliers):
         return
+    _value_check("odd multipliers", (multipliers,), lambda: _check_multiplier_values(multipliers))
+
+
+def _check_multiplier_values(multipliers):
     m = multipliers.cpu()
     leading = torch.ones_like(m, dtype=torch.bool)
     leading[:, 1:] = (m[:, 1:] != 0).long().cumprod(dim=1).bool()
@@ -49,10 +103,14 @@ def check_hash(ids, multipliers, moduli, offsets, pad_id=0):
     check_shape(moduli, "moduli", "O, Hh", [orders, None])
     check_shape(offsets, "offsets", "O*Hh", [orders * moduli.shape[1]])
     if moduli.numel() > 0 and has_data(moduli):
-        smallest = int(moduli.min())
-        if smallest <= 0:
-            raise ValueError(f"moduli must all be > 0, got {smallest}")
+        _value_check("positive moduli", (moduli,), lambda: _check_moduli_values(moduli))
     check_multipliers(multipliers)
+
+
+def _check_moduli_values(moduli):
+    smallest = int(moduli.min())
+    if smallest <= 0:
+        raise ValueError(f"moduli must all be > 0, got {smallest}")
 
 
 def check_table(table):
@@ -77,9 +135,13 @@ def check_rows_in_table(rows, num_rows, name):
     """Every row in [0, R): read from the values (an index outside is masked in the GPU kernels, but
     its output would be garbage)."""
     if rows.numel() > 0 and has_data(rows):
-        low, high = (int(v) for v in rows.aminmax())
-        if low < 0 or high >= num_rows:
-            raise ValueError(f"{name} must be in [0, R) = [0, {num_rows}), got {low if low < 0 else high}")
+        _value_check(("rows in table", num_rows), (rows,), lambda: _check_row_values(rows, num_rows, name))
+
+
+def _check_row_values(rows, num_rows, name):
+    low, high = (int(v) for v in rows.aminmax())
+    if low < 0 or high >= num_rows:
+        raise ValueError(f"{name} must be in [0, R) = [0, {num_rows}), got {low if low < 0 else high}")
 
 
 def check_spans_in_table(moduli, offsets, num_rows):
@@ -87,6 +149,10 @@ def check_spans_in_table(moduli, offsets, num_rows):
     every id sequence, without hashing."""
     if offsets.numel() == 0 or not has_data(moduli, offsets):
         return
+    _value_check(("spans in table", num_rows), (moduli, offsets), lambda: _check_span_values(moduli, offsets, num_rows))
+
+
+def _check_span_values(moduli, offsets, num_rows):
     for g, (offset, modulus) in enumerate(zip(offsets.tolist(), moduli.flatten().tolist())):
         if offset < 0 or offset + modulus > num_rows:
             raise ValueError(f"hashed rows (offsets + hash mod moduli) must be in [0, R) = [0, {num_rows}): "
@@ -151,8 +217,7 @@ def _hash_cuda(ids, multipliers, moduli, offsets, pad_id=0):
     check_hash(ids, multipliers, moduli, offsets, pad_id)
     from ..kernels.engram import engram_hash
 
-    with torch.cuda.device(ids.device):
-        return engram_hash(ids, multipliers, moduli, offsets, pad_id)
+    return engram_hash(ids, multipliers, moduli, offsets, pad_id)
 
 
 def _gather_cuda(table, rows, sparse=False):
@@ -161,8 +226,7 @@ def _gather_cuda(table, rows, sparse=False):
         return _gather_cuda(table, rows.to(table.device)).to(rows.device)
     from ..kernels.engram import engram_gather
 
-    with torch.cuda.device(rows.device):
-        return engram_gather(table, rows)
+    return engram_gather(table, rows)
 
 
 def _lookup_cuda(ids, table, multipliers, moduli, offsets, pad_id=0, sparse=False):
@@ -172,16 +236,14 @@ def _lookup_cuda(ids, table, multipliers, moduli, offsets, pad_id=0, sparse=Fals
         return _lookup_cuda(on_table[0], table, *on_table[1:], pad_id).to(ids.device)
     from ..kernels.engram import engram_lookup
 
-    with torch.cuda.device(ids.device):
-        return engram_lookup(ids, table, multipliers, moduli, offsets, pad_id)
+    return engram_lookup(ids, table, multipliers, moduli, offsets, pad_id)
 
 
 def _gather_backward_cuda(grad, rows, num_rows):
     check_gather_backward(grad, rows, num_rows)
     from ..kernels.engram import engram_gather_backward
 
-    with torch.cuda.device(grad.device):
-        return engram_gather_backward(grad, rows, num_rows)
+    return engram_gather_backward(grad, rows, num_rows)
 
 
 register_cuda("engram_hash", _hash_cuda)
@@ -227,6 +289,8 @@ def _lookup_setup(ctx, inputs, output):
 def _lookup_grad(ctx, grad):
     ids, multipliers, moduli, offsets = ctx.saved_tensors
     rows = op("engram_hash")(ids, multipliers, moduli, offsets, ctx.pad_id)  # recomputed: cheaper than stored
+    if has_data(rows) and _passed_before(("spans in table", ctx.table_rows), (moduli, offsets)):
+        _remember_passed(("rows in table", ctx.table_rows), (rows,))  # hashed into the checked spans
     return None, _table_grad(ctx, grad.reshape(*rows.shape, ctx.table_width), rows), None, None, None, None, None
 
 
@@ -304,8 +368,10 @@ def engram_lookup_async(ids, table, multipliers, moduli, offsets, pad_id=0, spar
     """
     if ids.device.type != "cuda":
         return EngramLookupHandle(engram_lookup(ids, table, multipliers, moduli, offsets, pad_id, sparse))
-    if stream is None:
-        stream = _side_streams.setdefault(ids.device, torch.cuda.Stream(ids.device))
+    if stream is None:  # one side stream per device, made once (not a fresh pool stream every call)
+        if ids.device not in _side_streams:
+            _side_streams[ids.device] = torch.cuda.Stream(ids.device)
+        stream = _side_streams[ids.device]
     stream.wait_stream(torch.cuda.current_stream(ids.device))
     with torch.cuda.stream(stream):
         result = engram_lookup(ids, table, multipliers, moduli, offsets, pad_id, sparse)

@@ -393,6 +393,72 @@ def test_python_value_checks_say_what_cpp_says(name, args, error, message):
     call(name, {n: a.to("meta") if isinstance(a, torch.Tensor) else a for n, a in args.items()})
 
 
+def test_value_checks_read_each_tensor_once_until_it_changes(monkeypatch):
+    """On the GPU every value check is a device sync: a check that passed is not repeated on the same,
+    unchanged tensors (a model's hash buffers), but is on new tensors and after an in-place change."""
+    from musetalk_fast.ops import engram
+
+    reads = []
+    for name in ("_check_multiplier_values", "_check_moduli_values", "_check_span_values", "_check_row_values"):
+        real = getattr(engram, name)
+        monkeypatch.setattr(engram, name, lambda *a, real=real, name=name: (reads.append(name), real(*a))[1])
+    args = good("engram_lookup")
+    engram.check_lookup(**args)
+    assert sorted(reads) == ["_check_moduli_values", "_check_multiplier_values", "_check_span_values"]
+    engram.check_lookup(**args)
+    engram.check_hash(args["ids"], args["multipliers"], args["moduli"], args["offsets"])
+    assert len(reads) == 3  # remembered
+    engram.check_lookup(**{**args, "offsets": args["offsets"].clone()})
+    assert reads[3:] == ["_check_span_values"]  # a new tensor object: checked
+    args["moduli"][1, 1] = 0  # in place: the version counter moves on
+    with pytest.raises(ValueError, match=exactly("moduli must all be > 0, got 0")):
+        engram.check_lookup(**args)
+    rows = good("engram_gather")["rows"]
+    engram.check_rows_in_table(rows, 48, "rows")
+    engram.check_rows_in_table(rows, 48, "rows")
+    assert reads.count("_check_row_values") == 1
+    with pytest.raises(ValueError, match=exactly(f"rows must be in [0, R) = [0, 40), got {int(rows.max())}")):
+        engram.check_rows_in_table(rows, 40, "rows")  # another table size: another check
+    rows[0, 0, 0] = -1
+    with pytest.raises(ValueError, match=exactly("rows must be in [0, R) = [0, 48), got -1")):
+        engram.check_rows_in_table(rows, 48, "rows")
+    with torch.inference_mode():  # no version counter: checked every time
+        frozen = torch.tensor([[7, 11], [13, 17]])
+        engram.check_hash(args["ids"], args["multipliers"], frozen, args["offsets"])
+        engram.check_hash(args["ids"], args["multipliers"], frozen, args["offsets"])
+    assert reads.count("_check_moduli_values") == 4
+
+
+def test_remembered_checks_go_with_their_tensors():
+    import gc
+
+    from musetalk_fast.ops import engram
+
+    rows = good("engram_gather")["rows"]
+    engram.check_rows_in_table(rows, 48, "rows")
+    key = (("rows in table", 48), (id(rows),))
+    assert key in engram._passed
+    del rows
+    gc.collect()
+    assert key not in engram._passed
+
+
+def test_lookup_backward_knows_its_rehashed_rows_are_in_the_table(monkeypatch):
+    """The backward recomputes the rows from the forward's (checked) hash tensors: the dense gradient
+    kernel's rows check then reads nothing (on the GPU: no sync in the backward)."""
+    from musetalk_fast.ops import engram
+
+    args = good("engram_lookup")
+    engram.check_lookup(**args)  # what the CUDA path runs in the forward
+    remembered = []
+    real = engram._remember_passed
+    monkeypatch.setattr(engram, "_remember_passed", lambda key, tensors: (remembered.append(key), real(key, tensors)))
+    table = args["table"].clone().requires_grad_()
+    out = musetalk_fast.ops.engram_lookup(args["ids"], table, args["multipliers"], args["moduli"], args["offsets"])
+    out.sum().backward()
+    assert ("rows in table", 48) in remembered
+
+
 def test_pageable_host_table_with_cuda_indices_is_rejected():
     table, cuda = torch.randn(48, 4), torch.empty(0, device="meta")
     cuda_ref = type("Ref", (), {"device": torch.device("cuda", 0)})()  # a CUDA tensor's device, without a GPU

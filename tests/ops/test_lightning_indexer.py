@@ -78,6 +78,22 @@ def run_backward(backend, grad, q, k, k_scale, weights, ks, ke):
     return torch.autograd.grad(out, inputs, grad)
 
 
+# Hopper's fp8 tensor cores (wgmma) accumulate in a float with 13 mantissa bits, truncated (SageAttention2
+# measured this "FP22" accumulator; DeepSeek-V3 section 3.3.2 reports ~14 bits on the H800), and Triton keeps a
+# whole D-long fp8 dot there on sm_90 (its default max_num_imprecise_acc is 2^30): q . k is off by up to ~2^-13
+# of its magnitude per 32-deep step, not float32's 2^-24. Emulating that accumulator at the test shapes puts the
+# logits within ~1.5e-4 of the largest one (8e-5 .. 1.5e-4 at D128); 1e-3 leaves room for the hardware's exact
+# rounding and still fails any wrong key, head or scale. The interpreter and the CPU kernel stay exact (1e-5).
+FP8_TENSOR_CORE_RTOL = 1e-3
+
+
+def logits_rtol(backend, dtype):
+    """The bar of assert_logits_match for `dtype` on `backend` (a device name or a kernel backend)."""
+    if dtype == torch.float64:
+        return 1e-12
+    return FP8_TENSOR_CORE_RTOL if dtype == FP8 and backend == "cuda" else 1e-5
+
+
 def assert_logits_match(got, exact, name, rtol):
     """The same -inf mask, and the finite values within rtol of the reference's magnitude."""
     got, exact = got.double().cpu(), exact.double().cpu()
@@ -99,7 +115,7 @@ def test_forward_matches_reference(backend, dtype, shape):
     out = run_forward(backend, *args)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and out.is_contiguous()
     exact = reference.lightning_indexer(*[t.cpu() for t in args])
-    assert_logits_match(out, exact, f"logits {dtype}", rtol=1e-12 if dtype == torch.float64 else 1e-5)
+    assert_logits_match(out, exact, f"logits {dtype}", rtol=logits_rtol(backend, dtype))
 
 
 GRAD_SHAPES = [(5, 37, 3, 32, "ragged"), (9, 9, 1, 64, "causal"), (4, 20, 16, 32, "packed"), (0, 7, 2, 32, "causal")]
@@ -173,8 +189,9 @@ def test_fp8_inputs_get_no_gradient_but_weights_do(device):
     exact_in = [t.detach().cpu().requires_grad_() for t in (weights, k_scale)]
     exact = reference.lightning_indexer(q.cpu(), k.cpu(), exact_in[1], exact_in[0], ks.cpu(), ke.cpu())
     want = torch.autograd.grad(exact.masked_fill(~torch.isfinite(exact), 0).sum(), exact_in)
-    torch.testing.assert_close(dw.cpu(), want[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dks.cpu(), want[1], rtol=1e-5, atol=1e-5)
+    rtol = logits_rtol(device, FP8)  # both gradients are sums of relu(q . k): the fp8 dot's error on a GPU
+    for got, expected in zip((dw, dks), want):
+        torch.testing.assert_close(got.cpu(), expected, rtol=rtol, atol=max(1e-5, rtol * expected.abs().max().item()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -390,10 +407,11 @@ GPU_SHAPES = [(1024, 1024, 64, 128, "causal"), (1024, 1024, 32, 128, "causal"), 
 @pytest.mark.skipif(not HAS_CUDA, reason="the GPU's launch configs (the interpreter runs the smallest)")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"T{s[0]}-S{s[1]}-H{s[2]}-D{s[3]}-{s[4]}" for s in GPU_SHAPES])
 def test_gpu_heuristic_configs_match_reference(shape):
-    """At benchmark-like sizes, with the configs the H100 runs: fp8 exact to 1e-5; bf16 gradients."""
+    """At benchmark-like sizes, with the configs the H100 runs: fp8 logits to FP8_TENSOR_CORE_RTOL (the
+    tensor cores' fp8 accumulator); float32 gradients."""
     args = make_inputs(shape, FP8, seed=shape[2], device="cuda")
     exact = reference.lightning_indexer(*[t.cpu() for t in args])
-    assert_logits_match(musetalk_fast.ops.lightning_indexer(*args), exact, "fp8 logits", rtol=1e-5)
+    assert_logits_match(musetalk_fast.ops.lightning_indexer(*args), exact, "fp8 logits", rtol=logits_rtol("cuda", FP8))
     args = make_inputs(shape, torch.float32, seed=shape[2], device="cuda")
     grad = torch.randn(shape[0], shape[1], device="cuda")
     got = run_backward("cuda", grad, *args)
