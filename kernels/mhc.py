@@ -431,6 +431,7 @@ def mhc_pre_forward(x, phi, alpha, bias, iters=20):
     """(x_in, h_post, h_res, y, r) of docs/ops.md §5 (y and r are what the backward reads)."""
     tokens, n, channels = x.shape
     coef = _coefficient_dtype(x, phi, alpha, bias)
+    out_dtype = x.dtype  # x_in is returned in x's own dtype, also where x is read in float64 (float64 coefficients)
     x = x.to(_stream_dtype(x, (), coef)).contiguous()
     phi, alpha, bias = (t.to(coef).contiguous() for t in (phi, alpha, bias))
     m = n * n + 2 * n
@@ -444,7 +445,9 @@ def mhc_pre_forward(x, phi, alpha, bias, iters=20):
         _run(PRE_FWD, mhc_pre_fwd_kernel, lambda c: (triton.cdiv(tokens, c["BLOCK_T"]),), x.device, _key(x, n),
              channels, x, phi, alpha, bias, x_in, h_post, h_res, y, r, tokens, n, channels, iters,
              ACC=_acc(coef), DOT_PRECISION=_precision(x.dtype), NP=NP, WC=max(NP, 16))
-    return x_in, h_post, h_res, y, r
+    # Converted by torch, as the C++ kernel does (a no-op unless float64 coefficients widened x; Triton's
+    # interpreter casts float64 to bfloat16 wrongly, so the kernel never stores float64 math as bfloat16).
+    return x_in.to(out_dtype), h_post, h_res, y, r
 
 
 def mhc_pre_backward(grad_x_in, grad_h_post, grad_h_res, x, phi, alpha, bias, y, r, iters=20):

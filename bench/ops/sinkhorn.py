@@ -10,6 +10,12 @@ from ..case import Case
 ITERS = 20
 
 
+def has_cuda_cpp():
+    """Whether this build compiled the CUDA C++ candidate: its schema is defined in every build
+    (csrc/registration.cpp), its CUDA kernel only where nvcc built csrc/sinkhorn/cuda.cu."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("musetalk_fast::sinkhorn_cudacpp", "CUDA")
+
+
 def _fwd_bwd(fn, logits, grad):
     def run():
         x = logits.detach().requires_grad_()
@@ -27,7 +33,7 @@ def cases(device):
         logits = torch.randn(tokens, n, n, device=device)
         grad = torch.randn_like(logits)
         ours = {"ours": lambda: musetalk_fast.ops.sinkhorn(logits, ITERS)}
-        if device == "cuda" and hasattr(torch.ops.musetalk_fast, "sinkhorn_cudacpp"):
+        if device == "cuda" and has_cuda_cpp():
             ours["ours (CUDA C++)"] = lambda: torch.ops.musetalk_fast.sinkhorn_cudacpp(logits, ITERS, 1e-6)
         shape = f"N={tokens} n={n} iters={ITERS} fp32"
         nbytes = 2 * logits.numel() * 4

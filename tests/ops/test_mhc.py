@@ -140,6 +140,28 @@ def test_half_precision_streams(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float64_coefficients_keep_x_in_in_the_streams_dtype(backend, dtype):
+    """Streams of a lower dtype with float64 coefficients: the kernels read x in float64, yet x_in is in
+    x's dtype (as the reference, the C++ kernel and the fake impl say), h_post and h_res float64."""
+    device = backend_device(backend)
+    x, phi, alpha, bias = make_pre_args(6, 4, 16, 21, torch.float64, device)
+    args = (x.to(dtype), phi, alpha, bias)
+    g = seeded(22)
+    grads = (torch.randn(6, 16, generator=g, dtype=torch.float64).to(dtype).to(device),
+             torch.randn(6, 4, generator=g, dtype=torch.float64).to(device),
+             torch.randn(6, 4, 4, generator=g, dtype=torch.float64).to(device))
+    outs, got_grads = run_pre(backend, args, grads, 20)
+    want, want_grads = exact_pre(args, grads, 20)
+    assert [t.dtype for t in outs] == [dtype, torch.float64, torch.float64]
+    assert [t.dtype for t in got_grads] == [dtype, torch.float64, torch.float64, torch.float64]
+    same_math = reference.mhc_pre(*[t.cpu() for t in args], 20)  # float64 math, x_in rounded to dtype
+    for name, got, exact, same in zip(("x_in", "h_post", "h_res"), outs, want, same_math):
+        assert_close_to_reference(got, exact, same if dtype == torch.bfloat16 else None, name=name,
+                                  **({} if dtype == torch.bfloat16 else TOLERANCE[torch.float32]))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_h_res_is_doubly_stochastic(backend):
     args = make_pre_args(33, 4, 16, 11, torch.float32, backend_device(backend))
     if backend == "triton-interpreter":
