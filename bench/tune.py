@@ -16,13 +16,11 @@ import os
 import sys
 import time
 
-os.environ["MUSETALK_FAST_AUTOTUNE"] = "1"  # before any launch: read at each new key
+import torch
 
-import torch  # noqa: E402
+from musetalk_fast.kernels import tuning
 
-from musetalk_fast.kernels import tuning  # noqa: E402
-
-from .run import OPS  # noqa: E402
+from .run import OPS
 
 
 def tune_cases(cases, seconds=None, clock=time.monotonic):
@@ -48,6 +46,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune: needs a CUDA GPU (the table is per GPU)")
+    # Set here, before any case is built or launched (tuning reads it at each new key), not at import: an
+    # import (e.g. by the tests) must not turn tuning on for every later launch of that process.
+    os.environ[tuning.AUTOTUNE_ENV] = "1"
     cases = [case for name in args.ops for case in importlib.import_module(f"musetalk_fast.bench.ops.{name}").cases("cuda")]
     left = tune_cases(cases, args.seconds)
     for kernel, entry in tuning.tuned_entries():

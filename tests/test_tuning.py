@@ -1,6 +1,7 @@
 """Launch configs (kernels/tuning.py): shipped tables, nearest-bucket lookup, heuristics that fit the
 GPU's shared memory, the fallback when a config does not fit, tuning off unless asked for."""
 import json
+import os
 
 import pytest
 import torch
@@ -185,3 +186,16 @@ def test_tune_writes_the_table_after_each_case_and_stops_starting_cases_past_its
     assert writes == [["a"], ["a", "b"]]  # after every case
     ran.clear()
     assert tune.tune_cases(cases, seconds=None, clock=lambda: now[0]) == [] and ran == ["a", "b", "c", "d"]
+
+
+def test_importing_the_tuner_leaves_tuning_off(monkeypatch):
+    """bench/tune.py turns tuning on in its main() only: an import (as the test above does) must not set
+    MUSETALK_FAST_AUTOTUNE=1 for the rest of the process, where on a GPU every later launch would time its
+    whole search space at each new key (e.g. the trainer tests that follow in the same pytest process)."""
+    import importlib
+
+    from musetalk_fast.bench import tune
+
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    importlib.reload(tune)
+    assert os.environ[tuning.AUTOTUNE_ENV] == "0" and not tuning.tuning_enabled()

@@ -171,16 +171,19 @@ class AudioCodebook(nn.Module):
     def fit(self, windows, iterations=25, seed=0):
         """k-means++ then Lloyd iterations on the frames of `windows` [..., W, C]; empty clusters are re-seeded at
         the points farthest from their centres. With fewer distinct frames than codes, some codes stay unused."""
-        windows = torch.as_tensor(windows)
+        # on the CPU whatever the windows' device: the k-means++ draws use a CPU generator (torch.multinomial
+        # refuses a CPU generator for a CUDA tensor), and the codes come out the same on every machine
+        windows = torch.as_tensor(windows).detach().cpu()
         if windows.dim() < 2 or windows.shape[-1] * self.per != self.mean.numel():
             raise ValueError(f"windows must be [..., W, {self.mean.numel() // self.per}] (got {tuple(windows.shape)})")
         centre = windows[..., self.context * self.per:(self.context + 1) * self.per, :]
         points = centre.flatten(-2).reshape(-1, self.mean.numel()).float()
         if points.shape[0] == 0:
             raise ValueError("windows has no frames to fit the codebook on")
-        self.mean.copy_(points.mean(0))
-        self.std.copy_(points.std(0, unbiased=False).clamp_min(1e-4))
-        points = (points - self.mean) / self.std
+        mean, std = points.mean(0), points.std(0, unbiased=False).clamp_min(1e-4)
+        self.mean.copy_(mean)  # the buffers may live on a GPU: the fit itself stays on the CPU
+        self.std.copy_(std)
+        points = (points - mean) / std
         generator = torch.Generator().manual_seed(seed)
         centres = self._plus_plus(points, generator)
         for _ in range(iterations):

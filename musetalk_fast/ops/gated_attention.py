@@ -163,16 +163,22 @@ def check_varlen_args(q, k, v, gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's shape {list(cu_seqlens_q.shape)}, "
                          f"got {list(cu_seqlens_k.shape)}")
-    for cu, name, total, max_len, max_name in sequences:
-        if has_data(cu):  # value checks only on real tensors (not under torch.compile's tracing)
-            lengths = cu.diff()
-            if cu[0].item() != 0 or cu[-1].item() != total:
-                raise ValueError(f"{name} must run from 0 to {total} (the packed length), got "
-                                 f"{cu[0].item()} ... {cu[-1].item()}")
-            if lengths.numel() and lengths.min().item() < 0:
-                raise ValueError(f"{name} must be non-decreasing")
-            if lengths.numel() and lengths.max().item() > max_len:
-                raise ValueError(f"{max_name} ({max_len}) must be >= the longest sequence ({lengths.max().item()})")
+    if not has_data(cu_seqlens_q, cu_seqlens_k):  # value checks only on real tensors (not under torch.compile)
+        return
+    # (first, last, shortest, longest) of both, read in one device sync: on a GPU each .item() would stall the
+    # launch queue, and these checks run before every varlen forward and backward
+    def ends_and_lengths(cu):
+        lengths = cu.diff() if cu.shape[0] > 1 else cu[:1] * 0
+        return torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()])
+
+    values = torch.stack([ends_and_lengths(cu_seqlens_q), ends_and_lengths(cu_seqlens_k)]).tolist()
+    for (cu, name, total, max_len, max_name), (first, last, shortest, longest) in zip(sequences, values):
+        if first != 0 or last != total:
+            raise ValueError(f"{name} must run from 0 to {total} (the packed length), got {first} ... {last}")
+        if cu.shape[0] > 1 and shortest < 0:
+            raise ValueError(f"{name} must be non-decreasing")
+        if cu.shape[0] > 1 and longest > max_len:
+            raise ValueError(f"{max_name} ({max_len}) must be >= the longest sequence ({longest})")
 
 
 def check_varlen_backward_args(grad_out, q, k, v, gate, out, lse, *varlen):

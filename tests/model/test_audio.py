@@ -91,6 +91,17 @@ def test_codebook_separates_clusters_and_saves_as_buffers(config):
     assert torch.equal(copy.codes(windows), codes)
 
 
+def test_codebook_fits_on_the_cpu_whatever_the_device_of_its_buffers(config):
+    """A codebook already moved to a GPU fits on the CPU (its k-means++ draws use a CPU generator, which
+    torch.multinomial refuses for a CUDA tensor) and copies the result into its buffers; shown here with
+    buffers on the meta device, which mixes with CPU tensors as a GPU's do: (points - mean) raised."""
+    shape = (2, 30, config.audio.window_mels, config.audio.n_mels)
+    windows = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    on_cpu = AudioCodebook(config).fit(windows)
+    moved = AudioCodebook(config).to("meta").fit(windows)
+    assert moved.centres.device.type == "meta" and moved.centres.shape == on_cpu.centres.shape
+
+
 def test_codebook_on_speech_gives_silence_its_own_code(config, clip):
     windows = frame_windows(log_mel(clip["audio"].numpy(), config.audio), 75, config.audio)
     codes = AudioCodebook(config).fit(windows).codes(windows[None])[0]
