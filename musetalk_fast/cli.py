@@ -187,6 +187,8 @@ def _add_generate(subcommands):
     parser.add_argument("--seed", type=int, default=0, help="seed of the avatar's fixed noise (default 0)")
     parser.add_argument("--reference-frame", type=int, default=None,
                         help="use this video frame as every frame's reference (default: each frame its own, MuseTalk)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default cuda when available, else cpu); bf16 autocast on cuda")
     parser.set_defaults(run=_generate)
     return parser
 
@@ -194,14 +196,15 @@ def _add_generate(subcommands):
 def _generate(args, parser):
     import time
 
-    from .model.inference import (GenerateArgumentError, check_batch, check_paths, check_reference_frame, dub,
-                                  load_inputs)
+    from .model.inference import (GenerateArgumentError, check_batch, check_device, check_paths,
+                                  check_reference_frame, dub, load_inputs)
     from .model.musetalk import MuseTalk
 
     started = time.perf_counter()
     try:
         check_paths(args.video, args.audio, args.out, args.force, args.checkpoint)
         check_batch(args.batch)
+        device = check_device(args.device)
         if args.config is not None:
             from .model.config import ModelConfig
 
@@ -227,7 +230,7 @@ def _generate(args, parser):
             model.codebook.fit(frame_windows(audio_features(samples, config.audio), len(frames), config.audio))
             print(f"--config {args.config}: random weights, codebook fitted on --audio (for testing the pipeline: "
                   f"the lower half of the face will be noise)", file=sys.stderr)
-        dub(model, frames, samples, args.audio, args.out, args.batch, args.seed, started=started,
+        dub(model.to(device), frames, samples, args.audio, args.out, args.batch, args.seed, started=started,
             reference_frame=args.reference_frame)
     except GenerateArgumentError as error:
         parser.error(f"argument --{error.argument}: {error.reason}")

@@ -78,6 +78,23 @@ def check_frames(frames, argument="video"):
         raise GenerateArgumentError(argument, f"frames are {width}x{height}; the side must be even (H.264 yuv420p)")
 
 
+def check_device(name):
+    """The torch device `generate` runs on: `name`, or CUDA when there is one, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise GenerateArgumentError("device", f"not a torch device: {name!r} ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateArgumentError("device", f"{name} asked for, but this torch has no usable CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GenerateArgumentError("device", f"{name}: there are {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise GenerateArgumentError("device", f"must be cpu or cuda[:index] (got {name!r})")
+    return device
+
+
 def check_reference_frame(reference_frame, num_frames):
     if reference_frame is not None and not 0 <= reference_frame < num_frames:
         raise GenerateArgumentError("reference-frame", f"must be a frame of the video, 0 .. {num_frames - 1} "

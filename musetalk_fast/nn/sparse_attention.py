@@ -32,9 +32,11 @@ def sequence_ranges(batch, length, causal, device):
     return start, start + (position + 1 if causal else length)
 
 
-def all_visible_indices(ks, ke):
-    """[T, max(ke - ks)] int32: every key of [ks, ke) in order, -1 after (dense attention as sparse)."""
-    width = int((ke - ks).max()) if ks.numel() else 0
+def all_visible_indices(ks, ke, width=None):
+    """[T, width] int32: every key of [ks, ke) in order, -1 after (dense attention as sparse). width, at
+    least max(ke - ks), is read from the device when not given."""
+    if width is None:
+        width = int((ke - ks).max()) if ks.numel() else 0
     keys = ks[:, None] + torch.arange(width, device=ks.device, dtype=torch.int32)[None, :]
     return torch.where(keys < ke[:, None], keys, -1)
 
@@ -98,19 +100,24 @@ class DSAttention(nn.Module):
         ks, ke = sequence_ranges(batch, length, self.causal, x.device)
         if position_ids is None:
             position_ids = torch.arange(length, device=x.device).repeat(batch)
-        return self._tokens(x.reshape(batch * length, channels), ks, ke, position_ids).view(batch, length, channels)
+        # A query sees at most `length` keys: known here, so nothing is read back from the device.
+        out = self._tokens(x.reshape(batch * length, channels), ks, ke, position_ids,
+                           visible=length if batch else 0)
+        return out.view(batch, length, channels)
 
-    def _tokens(self, x, ks, ke, position_ids):
-        """Packed tokens x [T, hidden], query t seeing keys [ks[t], ke[t])."""
+    def _tokens(self, x, ks, ke, position_ids, visible=None):
+        """Packed tokens x [T, hidden], query t seeing keys [ks[t], ke[t]); visible: max(ke - ks) where
+        the caller knows it (else read from the device, a sync)."""
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         if self.rope is not None:
             q, k = self.rope(q, k, position_ids)
-        visible = int((ke - ks).max()) if tokens else 0
+        if visible is None:
+            visible = int((ke - ks).max()) if tokens else 0
         if self.dense_warmup or self.topk >= visible:  # every visible key: dense attention
-            indices = all_visible_indices(ks, ke)
+            indices = all_visible_indices(ks, ke, visible)
         else:
             indices = self.indexer.topk(x.detach(), ks, ke, self.topk, position_ids=position_ids)
         out, lse = sparse_attention(q, k, v, indices[:, None, :].expand(tokens, self.num_kv_heads, -1))

@@ -209,13 +209,17 @@ def bad_inputs(clip, tmp_path):
     ({"--config": "huge"}, "argument --config: config must be one of ['default', 'tiny'] (got 'huge')"),
     ({"--batch": "0"}, "argument --batch: must be >= 1 (got 0)"),
     ({"--reference-frame": "12"}, "argument --reference-frame: must be a frame of the video, 0 .. 11 (got 12)"),
+    ({"--device": "gpu0"}, "argument --device: not a torch device: 'gpu0'"),
+    ({"--device": "meta"}, "argument --device: must be cpu or cuda[:index] (got 'meta')"),
+    *([] if torch.cuda.is_available() else [
+        ({"--device": "cuda"}, "argument --device: cuda asked for, but this torch has no usable CUDA GPU")]),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(bad_inputs, capsys, change, message):
     folder, tmp = bad_inputs
     arguments = {"--video": str(folder / "face.mp4"), "--audio": str(folder / "speech.wav"),
                  "--out": str(tmp / "dubbed.mp4"), "--config": "tiny"}
     for flag, value in change.items():
-        arguments[flag] = value if flag in ("--config", "--batch", "--reference-frame") else str(tmp / value)
+        arguments[flag] = value if flag in ("--config", "--batch", "--reference-frame", "--device") else str(tmp / value)
     if "--checkpoint" in change:
         del arguments["--config"]
     before = {p.name: p.read_bytes() for p in tmp.iterdir()}

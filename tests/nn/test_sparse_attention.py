@@ -75,6 +75,7 @@ def test_sparse_stage_attends_only_the_indexer_topk():
 def test_all_visible_indices_lists_the_range():
     ks, ke = torch.tensor([0, 0, 3], dtype=torch.int32), torch.tensor([1, 3, 5], dtype=torch.int32)
     assert all_visible_indices(ks, ke).tolist() == [[0, -1, -1], [0, 1, 2], [3, 4, -1]]
+    assert all_visible_indices(ks, ke, width=3).tolist() == [[0, -1, -1], [0, 1, 2], [3, 4, -1]]  # no device read
 
 
 @pytest.mark.parametrize("dense_warmup", [True, False])
