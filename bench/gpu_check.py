@@ -54,6 +54,19 @@ def bench_lines(path):
     return lines
 
 
+def ops_not_reached(bench_json, results):
+    """For a benchmark stopped before its end: a line naming the ops it did not finish, with the command
+    that runs just those (into a folder of its own, so that the rows here stay)."""
+    if not bench_json.exists():
+        return [f"bench: no rows written (run it alone: python -m musetalk_fast.bench.run --out {results}/more)"]
+    data = json.loads(bench_json.read_text())
+    left = [op for op in data.get("ops", []) if op not in data.get("ops_done", [])]
+    if data.get("complete") or not left:
+        return []
+    return [f"bench: not reached: {' '.join(left)} (run them: python -m musetalk_fast.bench.run --ops "
+            f"{' '.join(left)} --out {results}/more)"]
+
+
 def source_commit():
     """The commit under test: $MUSETALK_FAST_COMMIT (a copy of the tree without .git, e.g. on a rented GPU
     machine: set it where the copy was made), else git's HEAD (with -dirty if the tree has changes), else
@@ -117,7 +130,8 @@ def main(argv=None):
         code, bench_seconds = run_bench(results, args.bench_timeout)
         rows = bench_lines(bench_json) if bench_json.exists() else []
         status = "" if code == 0 else f"FAILED ({code}) after "
-        lines += [f"bench: {status}{len(rows)} rows | {bench_seconds:.0f} s | {bench_json}", *rows]
+        lines += [f"bench: {status}{len(rows)} rows | {bench_seconds:.0f} s | {bench_json}", *rows,
+                  *ops_not_reached(bench_json, results)]
     finally:  # also when stopped (SIGTERM): what ran is summarised
         if code is None:
             lines.append("INTERRUPTED: " + ("during the benchmark" if tests_ok is not None else "during the tests"))

@@ -138,7 +138,7 @@ def main(argv=None):
     result = {
         "device": stem, "torch": torch.__version__, "musetalk_fast": musetalk_fast.__version__,
         "command": "musetalk-fast-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "peaks": peaks, "complete": False, "rows": [],
+        "peaks": peaks, "complete": False, "ops": list(args.ops), "ops_done": [], "rows": [],
     }
     try:
         import triton
@@ -153,6 +153,7 @@ def main(argv=None):
             result["rows"].extend(run_case(case, device, peaks))
             print(f"done: {case.op} | {case.shape}", flush=True)
             atomic_write_text(out_dir / f"{stem}.json", json.dumps(result, indent=1))  # a capped run keeps its rows
+        result["ops_done"].append(name)  # every case of it ran: what a capped run did not reach is the rest
     rows = result["rows"]
     print_table(rows)
     result["complete"] = True

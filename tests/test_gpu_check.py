@@ -253,9 +253,24 @@ def test_the_benchmark_keeps_its_rows_when_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_run, "run_case", run_case)
     with pytest.raises(KeyboardInterrupt):
         bench_run.main(["--ops", "sinkhorn", "--out", str(tmp_path)])
-    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    json_path = next(tmp_path.glob("*.json"))
+    result = json.loads(json_path.read_text())
     assert result["complete"] is False and result["rows"]
     assert {(r["op"], r["shape"]) for r in result["rows"]} == {(calls[0].op, calls[0].shape)}
+    assert result["ops"] == ["sinkhorn"] and result["ops_done"] == []
+    # gpu-check's summary names what was not reached, with the command that runs just that
+    assert gpu_check.ops_not_reached(json_path, tmp_path) == [
+        f"bench: not reached: sinkhorn (run them: python -m musetalk_fast.bench.run --ops sinkhorn --out {tmp_path}/more)"]
+
+
+def test_a_finished_benchmark_leaves_nothing_unreached(tmp_path):
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"complete": True, "ops": ["sinkhorn", "mhc"], "ops_done": ["sinkhorn", "mhc"], "rows": []}))
+    assert gpu_check.ops_not_reached(path, tmp_path) == []
+    path.write_text(json.dumps({"complete": False, "ops": ["sinkhorn", "mhc", "model"], "ops_done": ["sinkhorn"],
+                                "rows": []}))
+    assert gpu_check.ops_not_reached(path, tmp_path)[0].startswith("bench: not reached: mhc model (run them: ")
+    assert gpu_check.ops_not_reached(tmp_path / "missing.json", tmp_path)[0].startswith("bench: no rows written")
 
 
 def test_the_commit_comes_from_the_environment_or_git(tmp_path, monkeypatch):
