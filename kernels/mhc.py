@@ -495,8 +495,9 @@ def mhc_pre_backward(grad_x_in, grad_h_post, grad_h_res, x, phi, alpha, bias, y,
         return dphi_splits
 
     dphi = PRE_BWD_STREAM.launch(run_stream, x.device, key, dict(C=channels)).sum(0)
-    return (dx.to(dtypes["x"]), dphi.to(dtypes["phi"]), partials[:3].to(dtypes["alpha"]),
-            partials[3:].to(dtypes["bias"]))
+    # copies: views of one buffer would alias two outputs of the op (opcheck and autograd refuse that)
+    return (dx.to(dtypes["x"]), dphi.to(dtypes["phi"]), partials[:3].to(dtypes["alpha"], copy=True),
+            partials[3:].to(dtypes["bias"], copy=True))
 
 
 def _token_splits(device, column_blocks, token_blocks):
