@@ -360,6 +360,8 @@ def assert_whole_message(device, call, args, error, message):
         return
     with pytest.raises(error) as raised:
         call(args, lambda t: t if t.device.type == "meta" else t.to(device))
+    # A meta tensor among tensors moved to `device`: the message names where those are (cuda:0 on a GPU).
+    message = message.replace("device cpu, got meta", f"device {torch.empty(0, device=device).device}, got meta")
     assert str(raised.value).splitlines()[0] == message
 
 
