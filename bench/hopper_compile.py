@@ -342,8 +342,8 @@ def _sparse_attention_specs(quick):
                           ACC=tl.float64 if dtype == "fp64" else tl.float32)
         dot = dict(DOT_PRECISION="tf32" if dtype in ("bf16", "fp16") else "ieee")
         # float64 also passes its softmax scales as constexprs (exact on the GPU): compiled as it runs
-        like_q = torch.empty(0, dtype=torch.float64 if dtype == "fp64" else torch.float32)
-        fwd_scales, bwd_scales = (sa.exact_scales(like_q, qk_dim ** -0.5, backward) for backward in (False, True))
+        q_dtype = torch.float64 if dtype == "fp64" else torch.float32
+        fwd_scales, bwd_scales = (sa.exact_scales(q_dtype, qk_dim ** -0.5, backward) for backward in (False, True))
         label = f"sparse_attention {{}} {dtype} G{group}/{match['H']} D{qk_dim}/{v_dim}"
         for name, configs, kernel, extra in (
                 ("fwd", sa.FWD, sa.sparse_attention_fwd_kernel,

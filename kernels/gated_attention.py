@@ -845,6 +845,8 @@ def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
     gate_modes = _gate_modes(a, use_tma)
     match = dict(a["match"], tma=_all_descriptors(use_tma, gate_modes))
     _set_descriptor_allocator(q.device)
+    qk_scale = a["scale"] * LOG2E
+    exact_scales = float64_scalars(q.dtype, qk_scale=qk_scale)
 
     def run(config):
         constexprs, options = split_options(config)
@@ -852,8 +854,7 @@ def _forward(q, k, v, gate, is_causal, scale, varlen, has_gate=True):
             q, k, v, g, out, lse, a["cu_q"], a["cu_k"],
             *_rows_strides(q, packed), *_rows_strides(k, packed), *_rows_strides(v, packed), *_rows_strides(g, packed),
             *_rows_strides(out, packed)[:3], *_stats_strides(lse, packed),
-            a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], a["scale"] * LOG2E,
-            **float64_scalars(q.dtype, qk_scale=a["scale"] * LOG2E),
+            a["heads"], a["q_len"], a["kv_len"], a["heads"] // a["kv_heads"], qk_scale, **exact_scales,
             **a["meta"], **constexprs, **options, HAS_GATE=has_gate, USE_TMA=use_tma, **gate_modes,
         )
 

@@ -366,10 +366,10 @@ def _common(q, k, v, indices, sm_scale):
     return tokens, q_heads, kv_heads, group, sm_scale, meta, match
 
 
-def exact_scales(q, sm_scale, backward):
-    """float64 q: the scales as constexprs too (kernels/float64_scalars.py)."""
+def exact_scales(dtype, sm_scale, backward):
+    """float64 inputs: the scales as constexprs too (kernels/float64_scalars.py)."""
     scales = dict(qk_scale=float(sm_scale) * LOG2E, **(dict(sm_scale=sm_scale) if backward else {}))
-    return float64_scalars(q.dtype, **scales)
+    return float64_scalars(dtype, **scales)
 
 
 def sparse_attention_forward(q, k, v, indices, sm_scale=None):
@@ -388,7 +388,7 @@ def sparse_attention_forward(q, k, v, indices, sm_scale=None):
         constexprs, options = split_options(config)
         return sparse_attention_fwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
             q, k, v, indices, out, lse, sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, *indices.stride(),
-            indices.shape[2], k.shape[0], group, sm_scale * LOG2E, **meta, **exact_scales(q, sm_scale, backward=False),
+            indices.shape[2], k.shape[0], group, sm_scale * LOG2E, **meta, **exact_scales(q.dtype, sm_scale, backward=False),
             **{"KEYS_AS_M": False, **constexprs}, **options,
         )
 
@@ -427,7 +427,7 @@ def sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, sm
         return sparse_attention_bwd_kernel[(tokens, kv_heads, triton.cdiv(group, meta["BLOCK_H"]))](
             q, k, v, indices, grad_out, grad_lse, out, lse, dq, dk, dv, p_buf, ds_buf,
             sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, *indices.stride(), sdo_t, sdo_h,
-            topk, num_keys, group, sm_scale * LOG2E, sm_scale, **meta, **exact_scales(q, sm_scale, backward=True),
+            topk, num_keys, group, sm_scale * LOG2E, sm_scale, **meta, **exact_scales(q.dtype, sm_scale, backward=True),
             **constexprs, **options, DETERMINISTIC=deterministic,
         )
 

@@ -11,6 +11,7 @@ import torch
 
 import musetalk_fast  # noqa: F401  (registers the ops)
 from musetalk_fast import linkage
+from musetalk_fast.ops.library import has_cuda_kernel
 
 SOURCE = '#include <sstream>\n#include <string>\n' \
          'std::string message(long x) { std::ostringstream s; s << "k head dim " << x; return s.str(); }\n'
@@ -41,4 +42,4 @@ def test_check_catches_a_static_libstdcxx_and_the_link_flag_fixes_it(tmp_path):
 def test_cuda_torch_with_nvcc_builds_the_cuda_extension():
     """The build found the toolkit (a wrapper-script nvcc included) and compiled the CUDA glue."""
     for name in ("sinkhorn_cudacpp", "sinkhorn_backward_cudacpp", "topk_indices_cudacpp"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"musetalk_fast::{name}", "CUDA"), name
+        assert has_cuda_kernel(name), name

@@ -4,16 +4,11 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
+from musetalk_fast.ops.library import has_cuda_kernel
 
 from ..case import Case
 
 ITERS = 20
-
-
-def has_cuda_cpp():
-    """Whether this build compiled the CUDA C++ candidate: its schema is defined in every build
-    (csrc/registration.cpp), its CUDA kernel only where nvcc built csrc/sinkhorn/cuda.cu."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("musetalk_fast::sinkhorn_cudacpp", "CUDA")
 
 
 def _fwd_bwd(fn, logits, grad):
@@ -33,7 +28,7 @@ def cases(device):
         logits = torch.randn(tokens, n, n, device=device)
         grad = torch.randn_like(logits)
         ours = {"ours": lambda: musetalk_fast.ops.sinkhorn(logits, ITERS)}
-        if device == "cuda" and has_cuda_cpp():
+        if device == "cuda" and has_cuda_kernel("sinkhorn_cudacpp"):
             ours["ours (CUDA C++)"] = lambda: torch.ops.musetalk_fast.sinkhorn_cudacpp(logits, ITERS, 1e-6)
         shape = f"N={tokens} n={n} iters={ITERS} fp32"
         nbytes = 2 * logits.numel() * 4

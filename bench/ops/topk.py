@@ -5,17 +5,12 @@ where the unfused path writes 16 GiB of logits."""
 import torch
 
 import musetalk_fast
+from musetalk_fast.ops.library import has_cuda_kernel
 
 from ..case import Case
 from .lightning_indexer import causal_inputs
 
 TOPK = 2048
-
-
-def has_cudacpp():
-    """Whether the CUDA C++ candidate has a CUDA kernel: its schema is defined in every build (hasattr is always
-    true), its kernel only in CUDA builds (a CPU-only build would fail every call of that row)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("musetalk_fast::topk_indices_cudacpp", "CUDA")
 
 
 def cases(device):
@@ -24,7 +19,7 @@ def cases(device):
     for keys in key_counts:
         logits = torch.randn(rows, keys, device=device)
         ours = {"ours": lambda x=logits: musetalk_fast.ops.topk_indices(x, k)}
-        if device == "cuda" and has_cudacpp():
+        if device == "cuda" and has_cuda_kernel("topk_indices_cudacpp"):
             ours["ours (CUDA C++)"] = lambda x=logits: torch.ops.musetalk_fast.topk_indices_cudacpp(x, k)
         out.append(Case("topk_indices", f"T={rows} S={keys} k={k} fp32", ours,
                         {"torch.topk": lambda x=logits: torch.topk(x, k, dim=-1, sorted=False)},

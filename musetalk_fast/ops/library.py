@@ -41,6 +41,13 @@ def on_the_tensors_device(fn):
     return run
 
 
+def has_cuda_kernel(name):
+    """Whether op `name` has a CUDA kernel in this build. Every schema is defined in every build
+    (csrc/registration.cpp), so hasattr(torch.ops.musetalk_fast, name) is always true; the CUDA C++
+    candidates (`*_cudacpp`) get their kernel only where nvcc compiled them."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), "CUDA")
+
+
 def register_cuda(name, fn):
     """The CUDA kernel of `name` (a Triton launcher), run on its tensors' device."""
     LIB.impl(name, on_the_tensors_device(fn), "CUDA")

@@ -1,9 +1,11 @@
-"""The CUDA kernels registered from Python run with their tensors' device current (Triton launches on
-the current device): checked here with a stand-in CUDA tensor and a recording torch.cuda.device."""
+"""musetalk_fast/ops/library.py: the CUDA kernels registered from Python run with their tensors' device
+current (Triton launches on the current device; checked with a stand-in CUDA tensor and a recording
+torch.cuda.device), and has_cuda_kernel tells a registered kernel from a bare schema."""
 import contextlib
 
 import torch
 
+import musetalk_fast  # noqa: F401  (registers the ops)
 from musetalk_fast.ops import library
 
 
@@ -45,3 +47,12 @@ def test_kernel_without_cuda_tensors_runs_without_a_device_switch(monkeypatch):
     kernel = library.on_the_tensors_device(lambda x, k: x.sum() * k)
     assert kernel(torch.ones(3), 2).item() == 6.0
     assert entered == []
+
+
+def test_has_cuda_kernel_tells_a_registered_kernel_from_a_bare_schema():
+    """Every schema exists in every build (hasattr is always true); the Triton launchers are registered
+    for CUDA in every build, the CUDA C++ candidates only where nvcc compiled them (test_build.py)."""
+    assert hasattr(torch.ops.musetalk_fast, "sinkhorn_cudacpp")
+    assert library.has_cuda_kernel("sinkhorn") and library.has_cuda_kernel("engram_lookup")
+    if torch.version.cuda is None:  # a CPU torch builds no CUDA extension
+        assert not library.has_cuda_kernel("sinkhorn_cudacpp") and not library.has_cuda_kernel("topk_indices_cudacpp")

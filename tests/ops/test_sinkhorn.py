@@ -5,6 +5,7 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
+from musetalk_fast.ops.library import has_cuda_kernel
 from tests.helpers import (DEVICES, HAS_CUDA, TRITON_INTERPRETED, assert_close_to_reference, backend_device,
                            float_arguments_as_on_a_gpu, kernel_backends, seeded)
 
@@ -184,13 +185,7 @@ def test_backward_rejects_mismatched_grad(device):
     assert str(raised.value).splitlines()[0] == "grad must have the shape of logits [2, 4, 4], got [2, 3, 3]"
 
 
-def has_cuda_cpp():
-    """The schema is defined in every build; the CUDA kernel only where nvcc compiled csrc/sinkhorn/cuda.cu
-    (tests/test_build.py checks that a CUDA torch with nvcc builds it)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("musetalk_fast::sinkhorn_cudacpp", "CUDA")
-
-
-@pytest.mark.skipif(not HAS_CUDA or not has_cuda_cpp(), reason="needs a GPU and the CUDA C++ build")
+@pytest.mark.skipif(not HAS_CUDA or not has_cuda_kernel("sinkhorn_cudacpp"), reason="needs a GPU and the CUDA C++ build")
 def test_cuda_cpp_candidate_matches_triton_and_the_reference():
     """Against Triton at the benchmark's n and iters, and each of its kernels (kept sums for n <= 4 and
     iters <= 20, the recomputing one past 20 iters, another unrolled n, the run-time n, float64) against

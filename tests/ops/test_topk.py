@@ -6,6 +6,7 @@ import torch
 
 import musetalk_fast
 from musetalk_fast import reference
+from musetalk_fast.ops.library import has_cuda_kernel
 from tests.helpers import DEVICES, HAS_CUDA, TRITON_INTERPRETED, backend_device, kernel_backends, seeded
 from tests.ops.test_lightning_indexer import (assert_whole_message, key_ranges, make_inputs, skip_extra_gpu_compile,
                                              use_shipped_configs)
@@ -259,8 +260,7 @@ def test_gpu_topk_at_benchmark_sizes():
     assert_valid_topk(fused, logits, 2048, name="fused", atol=indexer_allowance(args, logits))
 
 
-@pytest.mark.skipif(not HAS_CUDA or not hasattr(torch.ops.musetalk_fast, "topk_indices_cudacpp")
-                    or not torch._C._dispatch_has_kernel_for_dispatch_key("musetalk_fast::topk_indices_cudacpp", "CUDA"),
+@pytest.mark.skipif(not HAS_CUDA or not has_cuda_kernel("topk_indices_cudacpp"),
                     reason="the CUDA C++ candidate runs only on a GPU with the CUDA build (compiled here by nvcc)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_cudacpp_radix_select_is_a_correct_topk(dtype):
